@@ -1,0 +1,1 @@
+"""Dataset adapters, label tables, synthetic scenes, shards and augmentations."""

@@ -1,0 +1,1 @@
+"""Orchestration: the `seg` CLI (typer) and one Prefect flow per pipeline stage."""
