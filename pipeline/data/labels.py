@@ -145,7 +145,9 @@ VKITTI2_CLASSES = (
 )  # fmt: skip
 
 
-def vkitti2_spec(classes: tuple[tuple[str, tuple[int, int, int]], ...] = VKITTI2_CLASSES) -> DatasetSpec:
+def vkitti2_spec(
+    classes: tuple[tuple[str, tuple[int, int, int]], ...] = VKITTI2_CLASSES,
+) -> DatasetSpec:
     """Virtual KITTI 2: colour masks are mapped to class indices by the adapter through
     colors.txt, so the stored label PNG already holds train ids ("Undefined" -> 255)."""
     n = len(classes)

@@ -51,7 +51,9 @@ class CityscapesAdapter:
         root = Path(root)
         img_dir = root / "leftImg8bit" / split
         if not img_dir.is_dir():
-            raise DataError(f"{img_dir}: no such folder (expected a Cityscapes root with leftImg8bit/{split}/)")
+            raise DataError(
+                f"{img_dir}: no such folder (expected a Cityscapes root with leftImg8bit/{split}/)"
+            )
         has_labels = split != "test"  # the test split's gtFine is a dummy: shard its images alone
         out = []
         for img in sorted(img_dir.glob("*/*_leftImg8bit.png")):
@@ -60,8 +62,6 @@ class CityscapesAdapter:
             gt = root / "gtFine" / split / city
             label = gt / f"{key}_gtFine_labelIds.png" if has_labels else None
             inst = gt / f"{key}_gtFine_instanceIds.png" if has_labels else None
-            if label is not None and not label.is_file():
-                raise DataError(f"{label}: missing label for image {img}")
             out.append(
                 SourceSample(
                     key=key,
@@ -79,7 +79,9 @@ class CityscapesAdapter:
         assert sample.label is not None
         ids = read_png(sample.label)
         if ids.ndim != 2:
-            raise DataError(f"{sample.label}: labelIds must be a single-channel PNG, got shape {ids.shape}")
+            raise DataError(
+                f"{sample.label}: labelIds must be a single-channel PNG, got shape {ids.shape}"
+            )
         return self.spec.to_train_ids(ids, source=str(sample.label))
 
 

@@ -1,9 +1,123 @@
-"""CLI commands (filled in as the stages land)."""
+"""`seg preprocess` and `seg stats`: dataset roots into shards, and what the shards hold."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from stages.errors import cli_errors
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to `app`."""
+    app.command()(preprocess)
+    app.command()(stats)
+
+
+@cli_errors
+def preprocess(
+    root: Annotated[
+        Path,
+        typer.Argument(
+            help="Dataset root (e.g. a Cityscapes folder with leftImg8bit/ and gtFine/)."
+        ),
+    ],
+    split: Annotated[str, typer.Argument(help="Split to convert: train, val or test.")],
+    out: Annotated[
+        Path,
+        typer.Argument(help="Output folder for shard-*.tar and manifest.parquet (must not exist)."),
+    ],
+    dataset: Annotated[
+        str, typer.Option(help="Dataset layout: cityscapes, voc or vkitti2.")
+    ] = "cityscapes",
+    samples_per_shard: Annotated[int, typer.Option(help="Samples per tar shard.")] = 100,
+    image_format: Annotated[
+        str, typer.Option(help="png (source bytes) or npy (raw, faster decode).")
+    ] = "png",
+    workers: Annotated[int, typer.Option(help="Worker processes (default: all CPU cores).")] = 0,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip bad samples (listed in the manifest) instead of failing.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Convert one split (labelIds -> trainIds) into WebDataset tar shards + a Parquet manifest."""
+    import os
+
+    from pipeline.data.shards import write_shards
+    from stages.progress import console, progress_bar
+
+    with progress_bar(f"preprocess {split}") as update:
+        summary = write_shards(
+            root, split, out, dataset=dataset, samples_per_shard=samples_per_shard,
+            image_format=image_format, workers=workers or os.cpu_count() or 1,
+            skip_bad=skip_bad, overwrite=overwrite, progress=update,
+        )  # fmt: skip
+    console.print(
+        f"{summary.samples} samples -> {summary.shards} shard(s), {summary.bytes / 1e6:.1f} MB in {out}"
+        + (f"; skipped {len(summary.skipped)}" if summary.skipped else "")
+    )
+    for key, reason in summary.skipped:
+        console.print(f"  skipped {key}: {reason}", highlight=False)
+
+
+@cli_errors
+def stats(
+    shards: Annotated[Path, typer.Argument(help="A shard folder made by `seg preprocess`.")],
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+) -> None:
+    """Class pixel frequencies of a split, from its manifest."""
+    import json
+
+    from rich.table import Table
+
+    from pipeline.data.shards import class_pixel_counts, manifest_info, read_manifest
+
+    info = manifest_info(shards)
+    counts = class_pixel_counts(shards)
+    table = read_manifest(shards)
+    total = int(counts.sum())
+    rows = [
+        {
+            "train_id": i,
+            "class": name,
+            "pixels": int(c),
+            "fraction": (int(c) / total if total else 0.0),
+        }
+        for i, (name, c) in enumerate(zip(info["class_names"], counts, strict=True))
+    ]
+    skipped = [
+        k
+        for k, e in zip(
+            table.column("key").to_pylist(), table.column("error").to_pylist(), strict=True
+        )
+        if e
+    ]
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "dataset": info["dataset"],
+                    "split": info["split"],
+                    "samples": table.num_rows - len(skipped),
+                    "skipped": skipped,
+                    "classes": rows,
+                },
+                indent=2,
+            )
+        )
+        return
+    out = Table(title=f"{info['dataset']} {info['split']}: {table.num_rows - len(skipped)} samples")
+    for col in ("id", "class", "pixels", "%"):
+        out.add_column(col, justify="right" if col != "class" else "left")
+    for r in rows:
+        out.add_row(
+            str(r["train_id"]), r["class"], f"{r['pixels']:,}", f"{100 * r['fraction']:.2f}"
+        )
+    from stages.progress import console
+
+    console.print(out)
+    if skipped:
+        console.print(f"skipped samples: {', '.join(skipped)}")

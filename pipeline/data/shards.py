@@ -1,0 +1,563 @@
+"""WebDataset tar shards: the only thing training and evaluation read.
+
+Writer: one split in, `shard-000000.tar ...` plus `manifest.parquet` out. Each sample is a
+group of tar members sharing the key (the frame id):
+
+    {key}.image.png     the RGB image: the source PNG's own bytes (see `IMAGE_FORMATS`)
+    {key}.label.png     train ids, 8-bit single channel, 255 = ignore
+    {key}.instance.png  16-bit instanceIds, where the dataset has them (Cityscapes iIoU)
+    {key}.json          city, size, source paths and their sha256
+
+Shards are byte-identical for identical input: samples in sorted key order, shard i holds
+samples [i*n, (i+1)*n), and every tar header has fixed metadata (mtime 0, uid/gid 0, no
+user names, mode 0644). The split is written into a temporary sibling folder and renamed at
+the end, so a failure leaves no partial shards or manifest behind.
+
+Readers: `iter_samples` streams samples from tar URLs (local paths, `pipe:` commands, or any
+fsspec URL); `EvalReader` yields every sample exactly once in order (a disjoint slice per rank);
+`TrainStream` is the shuffled, seeded, node- and worker-split training stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.utils.data
+
+from pipeline.data.labels import DatasetSpec
+from pipeline.data.pngio import decode_png_bytes, encode_png, read_png
+from pipeline.data.sources import Adapter, SourceSample, get_adapter
+from pipeline.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.parquet"
+SHARD_PATTERN = "shard-{:06d}.tar"
+# "png": the source file's bytes, unchanged: smallest, traceable to the source hash, and
+#        fast enough to decode (see benchmarks/shards_io.py for the measurement).
+# "npy": raw uint8 (H, W, 3) in .npy: ~2x the bytes, decode is a memcpy. For CPU-starved GPUs.
+IMAGE_FORMATS = ("png", "npy")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    split: str
+    out_dir: Path
+    samples: int
+    shards: int
+    bytes: int
+    skipped: list[tuple[str, str]]  # (key, reason)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _convert(args: tuple[Adapter, SourceSample, str, str | None]) -> dict:
+    """Read, validate and encode one sample (runs in a worker process).
+
+    Returns {"key", "members": {ext: bytes}, "row": manifest fields} or {"key", "error"}.
+    """
+    adapter, sample, image_format, root = args
+    try:
+        image_bytes = sample.image.read_bytes()
+    except OSError as exc:
+        return {"key": sample.key, "error": f"{sample.image}: cannot read ({exc})"}
+    try:
+        source_sha = _sha256(image_bytes)
+        image = decode_png_bytes(image_bytes, str(sample.image))
+        if image.ndim == 2 or image.shape[2] not in (3, 4):
+            raise DataError(f"{sample.image}: expected an RGB image, got shape {image.shape}")
+        h, w = image.shape[:2]
+        if (
+            image_format == "npy"
+            or image.shape[2] == 4
+            or image.dtype != np.uint8
+            or _not_png(image_bytes)
+        ):
+            # re-encode anything that is not a plain RGB PNG so readers see one format
+            rgb = np.ascontiguousarray(image[..., :3].astype(np.uint8))
+            if image_format == "npy":
+                buf = io.BytesIO()
+                np.save(buf, rgb, allow_pickle=False)
+                image_bytes = buf.getvalue()
+            else:
+                image_bytes = encode_png(rgb, compress_level=6)
+        members: dict[str, bytes] = {"image." + image_format: image_bytes}
+        spec = adapter.spec
+        counts = np.zeros(spec.num_classes, dtype=np.int64)
+        ignored = 0
+        meta = {"key": sample.key, "height": h, "width": w, **sample.meta}
+        source = {"image": _rel(sample.image, root)}
+        if sample.label is not None:
+            if not sample.label.is_file():
+                raise DataError(f"{sample.label}: missing label for image {sample.image}")
+            train_ids = adapter.read_label(sample)
+            if train_ids.shape != (h, w):
+                raise DataError(
+                    f"{sample.label}: label size {train_ids.shape[1]}x{train_ids.shape[0]} "
+                    f"does not match image {sample.image} size {w}x{h}"
+                )
+            members["label.png"] = encode_png(train_ids, compress_level=6)
+            hist = np.bincount(train_ids.ravel(), minlength=256)
+            counts = hist[: spec.num_classes].astype(np.int64)
+            ignored = int(hist[spec.ignore_index])
+            source["label"] = _rel(sample.label, root)
+            source["label_sha256"] = _sha256(sample.label.read_bytes())
+        if sample.instance is not None:
+            inst = read_png(sample.instance)
+            if inst.shape != (h, w):
+                raise DataError(
+                    f"{sample.instance}: instance size {inst.shape[1]}x{inst.shape[0]} "
+                    f"does not match image {sample.image} size {w}x{h}"
+                )
+            members["instance.png"] = encode_png(inst.astype(np.uint16), compress_level=6)
+            source["instance"] = _rel(sample.instance, root)
+        source["image_sha256"] = source_sha
+        meta["source"] = source
+        members["json"] = json.dumps(meta, sort_keys=True).encode()
+    except DataError as exc:
+        return {"key": sample.key, "error": str(exc)}
+    row = {
+        "key": sample.key,
+        "height": h,
+        "width": w,
+        "class_pixels": counts.tolist(),
+        "ignore_pixels": ignored,
+    }
+    return {"key": sample.key, "members": members, "row": row}
+
+
+def _not_png(data: bytes) -> bool:
+    return not data.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def _rel(path: Path, root: str | None) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve())) if root else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(
+    root: Path | str,
+    split: str,
+    out_dir: Path | str,
+    dataset: str = "cityscapes",
+    samples_per_shard: int = 100,
+    image_format: str = "png",
+    workers: int = 1,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ShardSummary:
+    """Convert one split of a dataset root into tar shards and a Parquet manifest.
+
+    Memory is bounded: samples stream through a process pool in order and are written one
+    at a time, so a split is never held in memory.
+    """
+    if samples_per_shard < 1:
+        raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if image_format not in IMAGE_FORMATS:
+        raise ConfigError(
+            f"unknown image_format {image_format!r}; valid: {', '.join(IMAGE_FORMATS)}"
+        )
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(
+            f"{out_dir}: output folder exists and is not empty (remove it, or use --overwrite)"
+        )
+    adapter = get_adapter(dataset)
+    samples = adapter.samples(Path(root), split)  # sorted by key; DataError if empty
+    total = len(samples)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        rows, skipped, n_written = [], [], 0
+        tar: tarfile.TarFile | None = None
+        shard_name = ""
+        jobs = ((adapter, s, image_format, str(root)) for s in samples)
+        with _pool(workers) as pool:
+            for done, result in enumerate(pool.map(_convert, jobs, chunksize=1), start=1):
+                if "error" in result:
+                    if not skip_bad:
+                        raise DataError(result["error"])
+                    log.warning("skipping %s: %s", result["key"], result["error"])
+                    skipped.append((result["key"], result["error"]))
+                    rows.append(_skipped_row(result["key"], result["error"], adapter.spec))
+                else:
+                    if n_written % samples_per_shard == 0:
+                        if tar is not None:
+                            tar.close()
+                        shard_name = SHARD_PATTERN.format(n_written // samples_per_shard)
+                        tar = tarfile.open(tmp / shard_name, "w", format=tarfile.USTAR_FORMAT)
+                    assert tar is not None
+                    row = dict(result["row"], shard=shard_name, error=None)
+                    for ext, data in sorted(result["members"].items()):
+                        _add_member(tar, f"{result['key']}.{ext}", data)
+                        row[f"{ext.split('.')[0]}_bytes"] = len(data)
+                        row[f"{ext.split('.')[0]}_sha256"] = _sha256(data)
+                    rows.append(row)
+                    n_written += 1
+                if progress:
+                    progress(done, total)
+        if tar is not None:
+            tar.close()
+        if n_written == 0:
+            raise DataError(
+                f"{root}: split {split!r} produced no valid samples ({len(skipped)} skipped)"
+            )
+        _write_manifest(tmp / MANIFEST, rows, adapter.spec, split, image_format)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_shards = math.ceil(n_written / samples_per_shard)
+    size = sum(p.stat().st_size for p in out_dir.glob("shard-*.tar"))
+    return ShardSummary(split, out_dir, n_written, n_shards, size, skipped)
+
+
+class _SerialPool:
+    def map(self, fn, it, chunksize=1):
+        return map(fn, it)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _pool(workers: int):
+    if workers <= 1:
+        return _SerialPool()
+    return ProcessPoolExecutor(max_workers=workers)
+
+
+def _skipped_row(key: str, error: str, spec: DatasetSpec) -> dict:
+    return {"key": key, "shard": None, "error": error, "class_pixels": None}
+
+
+_MANIFEST_FIELDS = (
+    ("key", "string"),
+    ("shard", "string"),
+    ("error", "string"),
+    ("height", "int32"),
+    ("width", "int32"),
+    ("image_bytes", "int64"),
+    ("image_sha256", "string"),
+    ("label_bytes", "int64"),
+    ("label_sha256", "string"),
+    ("instance_bytes", "int64"),
+    ("instance_sha256", "string"),
+    ("json_bytes", "int64"),
+    ("json_sha256", "string"),
+    ("ignore_pixels", "int64"),
+)
+
+
+def _write_manifest(path: Path, rows: list[dict], spec: DatasetSpec, split: str, fmt: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {
+        name: pa.array([r.get(name) for r in rows], type=getattr(pa, typ)())
+        for name, typ in _MANIFEST_FIELDS
+    }
+    columns["class_pixels"] = pa.array(
+        [r.get("class_pixels") for r in rows], type=pa.list_(pa.int64())
+    )
+    meta = {
+        "dataset": spec.name,
+        "split": split,
+        "image_format": fmt,
+        "class_names": json.dumps(list(spec.class_names)),
+        "ignore_index": str(spec.ignore_index),
+    }
+    table = pa.table(columns).replace_schema_metadata(meta)
+    pq.write_table(table, path, compression="zstd")
+
+
+def read_manifest(shard_dir: Path | str):
+    """The split's manifest as a pyarrow Table (schema metadata holds dataset and classes)."""
+    import pyarrow.parquet as pq
+
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no manifest (is {shard_dir} a shard folder made by `seg preprocess`?)"
+        )
+    return pq.read_table(path)
+
+
+def manifest_info(shard_dir: Path | str) -> dict:
+    """Dataset name, split, class names and image format recorded in a manifest."""
+    meta = {
+        k.decode(): v.decode() for k, v in (read_manifest(shard_dir).schema.metadata or {}).items()
+    }
+    meta["class_names"] = json.loads(meta["class_names"])
+    return meta
+
+
+def class_pixel_counts(shard_dir: Path | str) -> np.ndarray:
+    """(num_classes,) int64 pixel counts over the split's written samples."""
+    table = read_manifest(shard_dir)
+    counts = [c for c in table.column("class_pixels").to_pylist() if c is not None]
+    return np.asarray(counts, dtype=np.int64).sum(axis=0)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def shard_urls(source: Path | str | Sequence[str]) -> list[str]:
+    """A shard folder -> its sorted tar paths; a list of URLs is returned as is."""
+    if isinstance(source, (list, tuple)):
+        return [str(u) for u in source]
+    path = Path(source)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("shard-*.tar"))
+        if not urls:
+            raise DataError(f"{path}: no shard-*.tar files")
+        return urls
+    if path.is_file():
+        return [str(path)]
+    if "://" in str(source) or str(source).startswith("pipe:"):
+        return [str(source)]
+    raise DataError(f"{source}: no such shard folder or file")
+
+
+def _open_url(url: str):
+    """Local path, `pipe:cmd`, webdataset's schemes, or any fsspec URL (s3://, gs://, ...)."""
+    from webdataset.gopen import gopen, gopen_schemes
+
+    scheme = url.split(":", 1)[0] if ("://" in url or url.startswith("pipe:")) else ""
+    if not scheme or scheme in gopen_schemes or scheme == "file":
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def iter_raw(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) groups from one tar, in stored order."""
+    try:
+        stream = _open_url(url)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{url}: cannot open shard ({exc})") from None
+    key, group = None, {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, _, ext = info.name.partition(".")
+                if k != key and group:
+                    yield key, group
+                    group = {}
+                key = k
+                f = tar.extractfile(info)
+                assert f is not None
+                group[ext] = f.read()
+    except tarfile.TarError as exc:
+        raise DataError(f"{url}: corrupt shard ({exc})") from None
+    finally:
+        stream.close()
+    if group:
+        yield key, group
+
+
+def decode_sample(key: str, members: dict[str, bytes], source: str = "") -> dict:
+    """Tar members -> {"key", "image": uint8 (3, H, W), "label": uint8 (H, W) or None,
+    "instance": int32 (H, W) or None, "meta": dict}. No resizing, ever."""
+    import torch
+
+    where = f"{source}:{key}"
+    if "image.png" in members:
+        image = decode_png_bytes(members["image.png"], where)
+    elif "image.npy" in members:
+        image = np.load(io.BytesIO(members["image.npy"]), allow_pickle=False)
+    else:
+        raise DataError(f"{where}: sample has no image member")
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = image[..., :3]
+    out = {
+        "key": key,
+        "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+        "label": None,
+        "instance": None,
+        "meta": json.loads(members["json"]) if "json" in members else {},
+    }
+    if "label.png" in members:
+        out["label"] = torch.from_numpy(decode_png_bytes(members["label.png"], where))
+    if "instance.png" in members:
+        out["instance"] = torch.from_numpy(
+            decode_png_bytes(members["instance.png"], where).astype(np.int32)
+        )
+    return out
+
+
+def iter_samples(urls: Sequence[str]) -> Iterator[dict]:
+    for url in urls:
+        for key, members in iter_raw(url):
+            yield decode_sample(key, members, url)
+
+
+class EvalReader:
+    """Every sample exactly once, in shard order. With `world_size` > 1, rank r takes samples
+    r, r + world, ... : disjoint, no padded duplicates (the union is the whole split)."""
+
+    def __init__(self, source, rank: int = 0, world_size: int = 1) -> None:
+        self.urls = shard_urls(source)
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        i = 0
+        for url in self.urls:
+            for key, members in iter_raw(url):
+                if i % self.world_size == self.rank:
+                    yield decode_sample(key, members, url)
+                i += 1
+
+
+def _consumer() -> tuple[int, int]:
+    """(index, count) of this DataLoader worker, 0/1 outside one."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """The training stream: infinite, seeded, shuffled, split by node (rank) and DataLoader worker.
+
+    Each epoch e, the shard list is permuted with rng(seed, e); with at least as many shards
+    as consumers (ranks x workers) each consumer reads its own shards, otherwise every consumer
+    reads all shards and keeps every C-th sample. Samples pass a shuffle buffer, then
+    `transform(sample, generator)` with a generator seeded from (seed, consumer, sample index),
+    so the stream is reproducible and a resumed run can skip what it already consumed without
+    decoding it (`skip`: samples to drop per consumer, see `skip_for_resume`).
+
+    The stream never ends, so every rank always has a next batch (iteration-based training, no
+    hang at an epoch end); `samples_per_epoch` cuts it into epochs of equal size per consumer.
+    """
+
+    def __init__(
+        self,
+        source,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 64,
+        transform: Callable | None = None,
+        samples_per_epoch: int | None = None,
+        skip: Sequence[int] | int = 0,
+    ) -> None:
+        self.urls = shard_urls(source)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.transform = transform
+        self.samples_per_epoch = samples_per_epoch
+        self.skip = skip
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch-sized mode: start the next iteration at this epoch's shard order."""
+        self.epoch = epoch
+
+    def _raw_epochs(self, consumer: int, consumers: int) -> Iterator[tuple[str, str, dict]]:
+        epoch = self.epoch
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+            urls = [self.urls[i] for i in order]
+            if len(urls) >= consumers:
+                mine = urls[consumer::consumers]
+                for url in mine:
+                    for key, members in iter_raw(url):
+                        yield url, key, members
+            else:
+                i = 0
+                for url in urls:
+                    for key, members in iter_raw(url):
+                        if i % consumers == consumer:
+                            yield url, key, members
+                        i += 1
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        import torch
+
+        worker, workers = _consumer()
+        consumer = self.rank * workers + worker
+        consumers = self.world_size * workers
+        rng = np.random.default_rng([self.seed, consumer, self.epoch, 7])
+        skip = self.skip if isinstance(self.skip, int) else self.skip[worker]
+        per_epoch = None
+        if self.samples_per_epoch:
+            per_epoch = max(1, self.samples_per_epoch // consumers)
+        buffer: list = []
+        produced = 0
+        for item in self._raw_epochs(consumer, consumers):
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            j = int(rng.integers(len(buffer)))
+            item, buffer[j] = buffer[j], item
+            if produced >= skip:
+                url, key, members = item
+                sample = decode_sample(key, members, url)
+                if self.transform is not None:
+                    g = torch.Generator().manual_seed(
+                        int(
+                            np.random.default_rng(
+                                [self.seed, consumer, self.epoch, produced]
+                            ).integers(2**62)
+                        )
+                    )
+                    sample = self.transform(sample, g)
+                yield sample
+            produced += 1
+            if per_epoch and produced >= per_epoch:
+                return
+
+    def __len__(self) -> int:
+        if not self.samples_per_epoch:
+            raise TypeError("TrainStream is infinite unless samples_per_epoch is set")
+        return self.samples_per_epoch // self.world_size
+
+
+def skip_for_resume(batches_done: int, batch_size: int, num_workers: int) -> list[int]:
+    """Samples each DataLoader worker already produced after `batches_done` batches.
+
+    A DataLoader over an IterableDataset takes batch b from worker b % num_workers, each batch
+    from one worker; so worker w made ceil((batches_done - w) / num_workers) batches.
+    """
+    n = max(1, num_workers)
+    return [max(0, -(-(batches_done - w) // n)) * batch_size for w in range(n)]

@@ -1,0 +1,44 @@
+"""Rich progress bars for library callbacks `progress(done, total)`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str, *fields: str) -> Iterator:
+    """Yields `update(done, total, **fields)`; extra fields (loss, lr, ...) show after the bar."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(f"{f} {{task.fields[{f}]}}") for f in fields),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=None, **{f: "-" for f in fields})
+
+        def update(done: int, total: int | None = None, **values) -> None:
+            bar.update(
+                task,
+                completed=done,
+                total=total,
+                **{k: v for k, v in values.items() if k in fields},
+            )
+
+        yield update

@@ -1,0 +1,54 @@
+"""Shared fixtures: small real PNG files in the Cityscapes layout."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample"
+
+# Prefect must never touch the user's ~/.prefect from tests.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+
+# label ids used by `write_frame`: road 7, sidewalk 8, building 11, sky 23, car 26, ego vehicle 1
+BLOCK_IDS = (23, 11, 8, 7, 26, 1)
+
+
+def write_frame(
+    root: Path, split: str, city: str, idx: int, h: int = 32, w: int = 64, seed: int = 0
+) -> str:
+    """One Cityscapes-layout frame: horizontal bands of label ids, an image coloured by them."""
+    rng = np.random.default_rng([seed, idx])
+    key = f"{city}_{idx:06d}_000019"
+    bands = np.sort(rng.choice(np.arange(1, h), size=len(BLOCK_IDS) - 1, replace=False))
+    label = np.zeros((h, w), np.uint8)
+    for lid, (a, b) in zip(BLOCK_IDS, zip([0, *bands], [*bands, h], strict=True), strict=True):
+        label[a:b] = lid
+    inst = label.astype(np.uint16)
+    inst[label == 26] = 26 * 1000 + idx % 3
+    colors = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    image = colors[label]
+    img_dir = root / "leftImg8bit" / split / city
+    gt_dir = root / "gtFine" / split / city
+    img_dir.mkdir(parents=True, exist_ok=True)
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(img_dir / f"{key}_leftImg8bit.png")
+    Image.fromarray(label).save(gt_dir / f"{key}_gtFine_labelIds.png")
+    Image.fromarray(inst).save(gt_dir / f"{key}_gtFine_instanceIds.png")
+    return key
+
+
+@pytest.fixture
+def tiny_root(tmp_path: Path) -> Path:
+    """A Cityscapes root with 6 train and 3 val frames of 32x64."""
+    root = tmp_path / "cityscapes"
+    for i in range(6):
+        write_frame(root, "train", "alpha" if i < 3 else "beta", i)
+    for i in range(3):
+        write_frame(root, "val", "gamma", 100 + i)
+    return root
