@@ -1,0 +1,1 @@
+"""Training, evaluation, prediction and checkpoints: the loops that drive models and metrics."""
