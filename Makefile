@@ -16,7 +16,7 @@ $(BIN)/seg: pyproject.toml
 install: $(BIN)/seg
 
 demo: install
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
 test: install
 	$(BIN)/pytest -q

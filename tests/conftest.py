@@ -52,3 +52,56 @@ def tiny_root(tmp_path: Path) -> Path:
     for i in range(3):
         write_frame(root, "val", "gamma", 100 + i)
     return root
+
+
+def tiny_params(**overrides) -> dict:
+    """The repo's params.yaml shrunk to seconds: 64x128 synthetic frames, a few steps."""
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["synth"].update(train=6, val=2, height=64, width=128)
+    raw["preprocess"].update(workers=1, samples_per_shard=4)
+    raw["train"].update(
+        iterations=4, batch_size=2, crop_size=[64, 64], val_interval=2, checkpoint_interval=2,
+        workers=0, device="cpu", warmup_iters=0,
+    )  # fmt: skip
+    raw["evaluate"].update(batch_size=2, device="cpu")
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        raw[section][name] = value
+    return raw
+
+
+def make_project(path: Path, **overrides) -> Path:
+    """A working directory with params.yaml, synthetic data and its shards."""
+    import yaml
+
+    from stages import steps
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(**overrides)))
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        p = steps.load("params.yaml")
+        steps.synth(p)
+        steps.preprocess(p, "train")
+        steps.preprocess(p, "val")
+    finally:
+        os.chdir(cwd)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """A tiny project trained for 4 steps (shared, read-only for tests: copy before changing)."""
+    from stages import steps
+
+    path = make_project(tmp_path_factory.mktemp("proj"))
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        steps.train(steps.load("params.yaml"))
+    finally:
+        os.chdir(cwd)
+    return path

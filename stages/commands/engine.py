@@ -1,9 +1,277 @@
-"""CLI commands (filled in as the stages land)."""
+"""`seg train | eval | predict | average | runs`: the commands users run every day."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from stages.errors import cli_errors
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="Override a param, e.g. -S train.lr=0.02 (repeatable)."),
+]
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to `app`."""
+    app.command()(train)
+    app.command("eval")(evaluate)
+    app.command()(predict)
+    app.command()(average)
+    app.command()(runs)
+
+
+class _RichProgress:
+    """Training callbacks -> one rich progress bar (step, loss, lr, images/s, ETA)."""
+
+    def __init__(self, update) -> None:
+        self.update = update
+
+    def on_step(self, info: dict) -> None:
+        self.update(
+            info["step"], info["total"], loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}",
+            img_s=f"{info['images_per_s']:.1f}",
+        )  # fmt: skip
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        from stages.progress import console
+
+        console.print(f"step {step}: val mIoU {100 * metrics['miou']:.2f}")
+
+
+@cli_errors
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from outputs/train/last.pt if it exists.")
+    ] = False,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            help="Processes per node, one per GPU, via torchrun (0/1: this process). "
+            "Without CUDA, -S train.device=cpu runs N gloo processes on CPU."
+        ),
+    ] = 0,
+    nnodes: Annotated[int, typer.Option(help="Nodes in a multi-node run.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's index (0 is the master).")] = 0,
+    master_addr: Annotated[
+        str | None, typer.Option(help="Address of node 0 (multi-node runs).")
+    ] = None,
+    master_port: Annotated[
+        int | None, typer.Option(help="Port on node 0 (default: a free port on one node).")
+    ] = None,
+) -> None:
+    """Train DeepLabV3/V3+ on the training shards, validating and checkpointing as it goes."""
+    from pipeline.engine import distributed
+    from stages import steps
+    from stages.progress import console, progress_bar
+
+    p = steps.load(params, set_)
+    if (gpus > 1 or nnodes > 1) and not distributed.in_worker():
+        from stages import launch
+
+        topo = launch.Topology(max(gpus, 1), nnodes, node_rank, master_addr, master_port)
+        code = launch.launch_train(topo, params, set_, resume, p.train.device)
+        if code:
+            raise typer.Exit(code)
+        return
+    rank = distributed.init_from_env(p.train.device).rank  # no-op outside torchrun
+    try:
+        if rank == 0:
+            with progress_bar("train", "loss", "lr", "img_s") as update:
+                summary = steps.train(p, resume=resume, sink=_RichProgress(update))
+        else:
+            summary = steps.train(p, resume=resume)
+    finally:
+        distributed.cleanup()
+    if rank != 0:
+        return
+    best = summary["best_miou"]
+    console.print(
+        f"done at step {summary['step']}; best val mIoU "
+        + (f"{100 * best:.2f}" if best is not None else "n/a")
+        + f"; checkpoints in {steps.train_dir(p)}"
+    )
+
+
+@cli_errors
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint to score (default outputs/train/best.pt).")
+    ] = None,
+    shards: Annotated[
+        Path | None, typer.Option(help="Shard folder (default: the val shards).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for metrics.json etc. (default outputs/eval).")
+    ] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(help="Score a folder of predicted labelId PNGs instead of a model."),
+    ] = None,
+    gt: Annotated[
+        Path | None, typer.Option(help="With --predictions: the Cityscapes root holding gtFine/.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="With --predictions: the gtFine split.")] = "val",
+) -> None:
+    """Evaluate a checkpoint on full-resolution shards, or score existing predictions (--predictions)."""
+    from stages import steps
+    from stages.progress import console, progress_bar
+
+    if predictions is not None:
+        if gt is None:
+            raise typer.BadParameter("--predictions needs --gt ROOT")
+        with progress_bar("score") as update:
+            metrics = steps.score_predictions(
+                predictions, gt, split, "cityscapes", out, progress=update
+            )
+    else:
+        p = steps.load(params, set_)
+        with progress_bar("eval") as update:
+            metrics = steps.evaluate(p, checkpoint, shards, out, progress=update)
+    _print_metrics(console, metrics)
+
+
+def _print_metrics(console, metrics: dict) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_accuracy']:.2f}"
+    )
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for name, iou in metrics["per_class_iou"].items():
+        table.add_row(name, "-" if iou is None else f"{100 * iou:.2f}")
+    console.print(table)
+
+
+@cli_errors
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    checkpoint: Annotated[
+        Path, typer.Option(help="Trained checkpoint (e.g. outputs/train/best.pt).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
+    dataset: Annotated[str, typer.Option(help="Label table for ids and colours.")] = "cityscapes",
+    mode: Annotated[str, typer.Option(help="whole or slide.")] = "whole",
+    crop: Annotated[tuple[int, int], typer.Option(help="Slide window (h w).")] = (1024, 1024),
+    stride: Annotated[tuple[int, int], typer.Option(help="Slide stride (h w).")] = (768, 768),
+    scales: Annotated[
+        list[float] | None, typer.Option("--scale", help="Test scales (repeatable).")
+    ] = None,
+    flip: Annotated[bool, typer.Option(help="Add horizontally flipped inference.")] = False,
+    output_stride: Annotated[int | None, typer.Option(help="Run at this output stride.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (same-size images).")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    output: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="What to write (repeatable): trainids, labelids, color, overlay. Default: all."
+        ),
+    ] = None,
+) -> None:
+    """Segment images: writes {name}_trainIds/_labelIds/_color/_overlay.png per image."""
+    from pipeline.data.labels import get_spec
+    from pipeline.engine.checkpoint import build_from_checkpoint
+    from pipeline.engine.evaluate import (
+        InferenceOptions,
+        expand_inputs,
+        predict_files,
+        resolve_device,
+    )
+    from stages.progress import console, progress_bar
+
+    if mode not in ("whole", "slide"):
+        raise typer.BadParameter(f"--mode {mode!r}: valid: whole, slide")
+    kinds = ("trainids", "labelids", "color", "overlay")
+    if any(o not in kinds for o in output or ()):
+        raise typer.BadParameter(f"--output {output}: valid: {', '.join(kinds)}")
+    dev = resolve_device(device)
+    paths = expand_inputs(inputs)
+    model, _ = build_from_checkpoint(checkpoint, dev, output_stride=output_stride)
+    opts = InferenceOptions(mode, crop, stride, tuple(scales or (1.0,)), flip)
+    with progress_bar("predict") as update:
+        written = predict_files(
+            model,
+            paths,
+            out,
+            get_spec(dataset),
+            dev,
+            opts,
+            batch_size,
+            tuple(output or kinds),
+            update,
+        )
+    console.print(f"{len(paths)} image(s) -> {len(written)} files in {out}")
+
+
+@cli_errors
+def average(
+    checkpoints: Annotated[
+        list[Path], typer.Argument(help="Checkpoints of one model (e.g. outputs/train/best-*.pt).")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the averaged checkpoint.")] = Path(
+        "outputs/train/averaged.pt"
+    ),
+) -> None:
+    """Average the weights of several checkpoints (e.g. the best k by val mIoU)."""
+    from pipeline.engine.checkpoint import average_checkpoints
+    from stages.progress import console
+
+    average_checkpoints(list(checkpoints), out)
+    console.print(f"averaged {len(checkpoints)} checkpoints -> {out}")
+
+
+@cli_errors
+def runs(
+    history: Annotated[Path, typer.Option(help="The run history file.")] = Path(
+        "outputs/runs.parquet"
+    ),
+    compare: Annotated[
+        tuple[str, str] | None,
+        typer.Option(help="Compare two runs class by class (index or id prefix)."),
+    ] = None,
+) -> None:
+    """The evaluation history: one row per `seg eval`, or two runs compared class by class."""
+    import json
+
+    from rich.table import Table
+
+    from stages.history import find_run, read_runs
+    from stages.progress import console
+
+    rows = read_runs(history)
+    if compare:
+        a, b = (find_run(rows, ref) for ref in compare)
+        ia, ib = json.loads(a["per_class_iou"]), json.loads(b["per_class_iou"])
+        table = Table(title=f"{a['run']} vs {b['run']}")
+        for col in ("class", a["run"], b["run"], "delta"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for name in ia:
+            x, y = ia.get(name), ib.get(name)
+            delta = "-" if x is None or y is None else f"{100 * (y - x):+.2f}"
+            table.add_row(name, _pct(x), _pct(y), delta)
+        table.add_row(
+            "mIoU", _pct(a["miou"]), _pct(b["miou"]), f"{100 * (b['miou'] - a['miou']):+.2f}"
+        )
+        console.print(table)
+        return
+    table = Table(title=f"{len(rows)} evaluation(s) in {history}")
+    for col in ("#", "run", "time", "git", "model", "step", "mIoU"):
+        table.add_column(col)
+    for i, r in enumerate(rows):
+        git = (r["git_revision"] or "-")[:8] + ("*" if r["git_dirty"] else "")
+        table.add_row(
+            str(i), r["run"], r["time"] or "-", git, r["model"], str(r["step"]), _pct(r["miou"])
+        )
+    console.print(table)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"

@@ -1,0 +1,148 @@
+"""Data-stage throughput: preprocess, shard size, and training reads (shards vs a PNG folder).
+
+    python benchmarks/shards_io.py --n 32 --height 1024 --width 2048 --workers 2
+
+1. Generates N synthetic Cityscapes-format pairs at the given size (`seg synth`).
+2. Preprocess: pairs/s with 1 worker (per core) and with --workers, for each image format
+   (png = the source bytes, npy = raw); shard bytes against the raw folder's bytes.
+3. Training read: samples/s of decode + random scale/crop/flip from the shards (our
+   TrainStream) against the usual baseline, a map-style Dataset opening the PNG files with PIL,
+   same transform, same DataLoader settings, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data.labels import get_spec
+from pipeline.data.shards import TrainStream, write_shards
+from pipeline.data.sources import CityscapesAdapter
+from pipeline.data.synth import generate_cityscapes
+from pipeline.data.transforms import TrainAugment
+
+
+def folder_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
+
+
+class PILFolder(torch.utils.data.Dataset):
+    """The plain baseline: open image and labelIds PNGs with PIL, map ids, same augmentation."""
+
+    def __init__(self, root: Path, split: str, augment: TrainAugment) -> None:
+        self.samples = CityscapesAdapter().samples(root, split)
+        self.spec = get_spec("cityscapes")
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        image = np.asarray(Image.open(s.image).convert("RGB"))
+        label = self.spec.label_to_train[np.asarray(Image.open(s.label))]
+        sample = {
+            "image": torch.from_numpy(image).permute(2, 0, 1),
+            "label": torch.from_numpy(label),
+        }
+        return self.augment(sample, torch.Generator().manual_seed(i))
+
+
+def collate(batch):
+    return torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
+
+
+def time_loader(dataset, n_samples: int, batch: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, num_workers=workers, collate_fn=collate
+    )
+    it = iter(loader)
+    next(it)  # workers started, first batch in
+    t0 = time.perf_counter()
+    seen = 0
+    while seen < n_samples:
+        try:
+            images, _ = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        seen += images.shape[0]
+    return seen / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--crop", type=int, nargs=2, default=(512, 1024))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--read-samples", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}; torch {torch.__version__}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = tmp / "cityscapes"
+        t0 = time.perf_counter()
+        generate_cityscapes(
+            root, {"train": args.n}, args.height, args.width, seed=0, workers=args.workers
+        )
+        print(
+            f"generated {args.n} pairs at {args.height}x{args.width} in {time.perf_counter() - t0:.1f}s"
+        )
+        raw = (
+            folder_bytes(root / "leftImg8bit")
+            + folder_bytes(root / "gtFine", "*_labelIds.png")
+            + folder_bytes(root / "gtFine", "*_instanceIds.png")
+        )
+        print(f"raw folder (images + labelIds + instanceIds): {raw / 1e6:.1f} MB")
+        print("\npreprocess (decode + validate + labelIds->trainIds + encode + tar + sha256):")
+        for fmt in ("png", "npy"):
+            for workers in sorted({1, args.workers}):
+                out = tmp / f"shards-{fmt}-{workers}"
+                t0 = time.perf_counter()
+                s = write_shards(
+                    root, "train", out, samples_per_shard=8, image_format=fmt, workers=workers
+                )
+                dt = time.perf_counter() - t0
+                print(
+                    f"  {fmt:3s} workers={workers}: {args.n / dt:6.2f} pairs/s ({args.n / dt / workers:5.2f} per core),"
+                    f" shards {s.bytes / 1e6:7.1f} MB = {s.bytes / raw:.2f}x raw"
+                )
+        aug = TrainAugment(tuple(args.crop))
+        print(
+            f"\ntraining read (decode + scale 0.5-2 + crop {args.crop[0]}x{args.crop[1]} + flip), batch {args.batch}:"
+        )
+        for workers in sorted({0, args.workers}):
+            base = time_loader(
+                PILFolder(root, "train", aug), args.read_samples, args.batch, workers
+            )
+            for fmt in ("png", "npy"):
+                stream = TrainStream(
+                    tmp / f"shards-{fmt}-1", seed=0, shuffle_buffer=8, transform=aug
+                )
+                ours = time_loader(stream, args.read_samples, args.batch, workers)
+                print(
+                    f"  workers={workers}: PIL folder {base:6.2f} samples/s | shards ({fmt}) {ours:6.2f} samples/s"
+                    f" ({ours / base:.2f}x)"
+                )
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Typed params: one dataclass per params.yaml section, validated up front.
+
+Unknown keys and impossible values raise ConfigError naming the key (`train.lr: must be > 0`)
+before any work starts. Modules never see these objects' parents: the stage layer passes a
+section (or plain values from it) to the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class DataParams:
+    dataset: str = "cityscapes"  # cityscapes | voc | vkitti2
+    root: str = "data/synthetic"  # dataset root: synth.out (the demo) or e.g. /data/cityscapes
+    train_split: str = "train"
+    val_split: str = "val"
+    shards: str = "data/shards"  # shards go to {shards}/{split}
+    outputs: str = "outputs"  # checkpoints in {outputs}/train, metrics in {outputs}/eval
+
+
+@dataclass
+class SynthParams:
+    out: str = "data/synthetic"  # where the synth stage writes its Cityscapes-layout root
+    train: int = 64
+    val: int = 16
+    height: int = 128
+    width: int = 256
+    seed: int = 0
+
+
+@dataclass
+class PreprocessParams:
+    samples_per_shard: int = 16
+    image_format: str = "png"
+    workers: int = 0  # 0: all cores
+
+
+@dataclass
+class ModelParams:
+    arch: str = "deeplabv3plus"
+    backbone: str = "resnet50"
+    output_stride: int = 16
+    pretrained_backbone: str | None = None  # None | "imagenet" | path to a weights file
+    aux_head: bool = False
+    separable: bool = False
+    multi_grid: list[int] = field(default_factory=lambda: [1, 2, 4])  # DeepLabV3 paper, Sec. 4.1
+
+
+@dataclass
+class TrainParams:
+    model: ModelParams = field(default_factory=ModelParams)
+    seed: int = 0
+    iterations: int = 80000  # mmseg 80k schedule
+    batch_size: int = 8  # mmseg: 2 per GPU x 4 GPUs
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    photometric: bool = True
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    schedule: str = "poly"  # poly | cosine
+    poly_power: float = 0.9
+    min_lr: float = 0.0001
+    warmup_iters: int = 0
+    loss: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})  # ce | dice weights
+    class_weights: str | None = None  # None | "inverse_log" (from the manifest's pixel counts)
+    label_smoothing: float = 0.0
+    ohem: bool = False
+    ohem_thresh: float = 0.7  # mmseg OHEMPixelSampler
+    ohem_min_kept: int = 100000
+    aux_weight: float = 0.4  # mmseg auxiliary FCN head weight
+    amp: str = "auto"  # auto | bf16 | fp16 | off   (auto: bf16 where the GPU has it, else fp16; off on CPU)
+    channels_last: bool = True  # GPU only: on CPU it is slower
+    compile: bool = False
+    grad_accum: int = 1
+    freeze_bn: bool = False
+    os8_from: int | None = None  # DeepLabV3 protocol: switch to OS8 with BN frozen at this step
+    val_interval: int = 8000
+    checkpoint_interval: int = 2000
+    keep_best: int = 3  # best-k checkpoints by val mIoU kept for `seg average`
+    workers: int = 4
+    shuffle_buffer: int = 64
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class EvalParams:
+    mode: str = "whole"  # whole | slide
+    crop_size: list[int] = field(default_factory=lambda: [1024, 1024])  # slide window (h, w)
+    stride: list[int] = field(default_factory=lambda: [768, 768])  # mmseg Cityscapes slide
+    scales: list[float] = field(
+        default_factory=lambda: [1.0]
+    )  # e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    flip: bool = False
+    output_stride: int | None = None  # evaluate at another OS than training
+    batch_size: int = 1
+    device: str = "auto"
+
+
+@dataclass
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    synth: SynthParams = field(default_factory=SynthParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvalParams = field(default_factory=EvalParams)
+
+    def validate(self) -> Params:
+        _check(self)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: dict | None, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where or 'top level'}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _choice(where: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, valid))}")
+
+
+def _positive(where: str, value, strict: bool = True) -> None:
+    if value < 0 or (strict and value == 0):
+        raise ConfigError(f"{where}: must be {'> 0' if strict else '>= 0'}, got {value}")
+
+
+def _check(p: Params) -> None:
+    _choice("data.dataset", p.data.dataset, ("cityscapes", "voc", "vkitti2"))
+    for name in ("train", "val", "height", "width"):
+        _positive(f"synth.{name}", getattr(p.synth, name), strict=name in ("height", "width"))
+    _positive("preprocess.samples_per_shard", p.preprocess.samples_per_shard)
+    _choice("preprocess.image_format", p.preprocess.image_format, ("png", "npy"))
+    t = p.train
+    _choice("train.model.arch", t.model.arch, ("deeplabv3", "deeplabv3plus"))
+    _choice("train.model.output_stride", t.model.output_stride, (8, 16, 32))
+    _choice("train.optimizer", t.optimizer, ("sgd", "adam", "adamw"))
+    _choice("train.schedule", t.schedule, ("poly", "cosine"))
+    _choice("train.amp", t.amp, ("auto", "bf16", "fp16", "off"))
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("train.class_weights", t.class_weights, (None, "inverse_log"))
+    for name in (
+        "iterations",
+        "batch_size",
+        "lr",
+        "grad_accum",
+        "val_interval",
+        "checkpoint_interval",
+    ):
+        _positive(f"train.{name}", getattr(t, name))
+    for name in (
+        "weight_decay",
+        "momentum",
+        "warmup_iters",
+        "label_smoothing",
+        "min_lr",
+        "workers",
+    ):
+        _positive(f"train.{name}", getattr(t, name), strict=False)
+    if len(t.crop_size) != 2 or min(t.crop_size) < 1:
+        raise ConfigError(f"train.crop_size: expected [height, width] > 0, got {t.crop_size}")
+    lo, hi = (t.scale_range + [0, 0])[:2]
+    if len(t.scale_range) != 2 or not 0 < lo <= hi:
+        raise ConfigError(
+            f"train.scale_range: expected [min, max] with 0 < min <= max, got {t.scale_range}"
+        )
+    if not t.loss or any(k not in ("ce", "dice") for k in t.loss):
+        raise ConfigError(f"train.loss: weights for ce and/or dice, got {t.loss}")
+    e = p.evaluate
+    _choice("evaluate.mode", e.mode, ("whole", "slide"))
+    _choice("evaluate.output_stride", e.output_stride, (None, 8, 16, 32))
+    _choice("evaluate.device", e.device, ("auto", "cpu", "cuda"))
+    if not e.scales or min(e.scales) <= 0:
+        raise ConfigError(f"evaluate.scales: positive factors, got {e.scales}")
+    if e.mode == "slide" and any(s > c for s, c in zip(e.stride, e.crop_size, strict=False)):
+        raise ConfigError(
+            f"evaluate.stride {e.stride} must not exceed evaluate.crop_size {e.crop_size}"
+        )
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml; ConfigError names the file and the bad key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        return _build(Params, raw, "").validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def params_from_dict(raw: dict) -> Params:
+    return _build(Params, raw, "").validate()
+
+
+def params_hash(section) -> str:
+    """sha256 of a params section's canonical JSON."""
+    data = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,69 @@
+"""Provenance stamped on every result: git revision, params/data hashes, hardware, time."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def git_state(cwd: Path | str = ".") -> dict:
+    """{"revision": sha or None, "dirty": bool or None} of the repository holding cwd."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+            )
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    rev = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"revision": rev, "dirty": bool(status) if status is not None else None}
+
+
+def data_hash(shard_dir: Path | str, dvc_lock: Path | str = "dvc.lock") -> dict:
+    """The shards' hash: the md5 DVC recorded for the folder in dvc.lock where there is one,
+    and always a sha256 over the folder's files (names and bytes), computed here."""
+    shard_dir = Path(shard_dir)
+    h = hashlib.sha256()
+    for p in sorted(shard_dir.glob("*")):
+        if p.is_file():
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    out = {"path": str(shard_dir), "sha256": h.hexdigest(), "dvc_md5": None}
+    lock = Path(dvc_lock)
+    if lock.is_file():
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for o in stage.get("outs", []) or []:
+                if Path(o.get("path", "")) == shard_dir:
+                    out["dvc_md5"] = o.get("md5")
+    return out
+
+
+def hardware() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": __import__("os").cpu_count(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = {"device": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
+    return info
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,70 @@
+"""`seg recipe NAME --root DIR`: switch params.yaml to a named recipe in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stages.errors import cli_errors
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(recipe)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursively overlay `update` onto `base` (a copy)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (
+            merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+@cli_errors
+def recipe(
+    name: Annotated[str, typer.Argument(help="Recipe in recipes/ (e.g. cityscapes).")],
+    root: Annotated[
+        Path | None, typer.Option(help="Dataset root to train on (sets data.root).")
+    ] = None,
+    params: Annotated[
+        Path, typer.Option("--params", "-p", help="The params file to update.")
+    ] = Path("params.yaml"),
+) -> None:
+    """Merge a named recipe (and a dataset root) into params.yaml; the old file is kept as params.yaml.bak."""
+    import os
+    import shutil
+
+    import yaml
+
+    from pipeline.errors import ConfigError, DataError
+    from pipeline.params import params_from_dict
+    from stages.progress import console
+
+    available = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    if name not in available:
+        raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(available)}")
+    if root is not None and not root.is_dir():
+        raise DataError(f"{root}: dataset root not found")
+    current = yaml.safe_load(params.read_text()) if params.is_file() else {}
+    new = merge(current, yaml.safe_load((RECIPES / f"{name}.yaml").read_text()))
+    if root is not None:
+        new.setdefault("data", {})["root"] = str(root)
+    params_from_dict(new)  # validate before touching the file
+    if params.is_file():
+        shutil.copy2(params, params.with_name(params.name + ".bak"))
+    tmp = params.with_name(f".{params.name}.tmp")
+    tmp.write_text(yaml.safe_dump(new, sort_keys=False))
+    os.replace(tmp, params)
+    console.print(
+        f"{params}: recipe {name!r} applied"
+        + (f", data.root={root}" if root else "")
+        + "; now run `dvc repro`"
+    )

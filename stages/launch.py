@@ -1,0 +1,129 @@
+"""Multi-process runs: build the torchrun command line and run it (`seg train --gpus N`).
+
+    seg train --gpus 4                      # one node, 4 processes (one per GPU)
+    seg train --gpus 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500
+    seg train --gpus 8 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500
+
+Each worker runs `python -m stages.cli train ...` with torchrun's env vars set; the train
+command sees RANK, joins the process group (pipeline.engine.distributed.init_from_env) and
+trains its share of the global batch. One node without --master-port uses `--standalone`
+(a free local port), so two runs on one machine never collide on 29500.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Topology:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def check_topology(t: Topology, device: str) -> None:
+    """Fail before starting any process when the topology cannot run here.
+
+    `device` is train.device (auto | cpu | cuda). CPU processes (gloo) are only started
+    when asked for explicitly with train.device=cpu: on a machine without CUDA, --gpus N is
+    almost always a mistake, and N CPU processes sharing the cores are slower than one.
+    """
+    import torch
+
+    if t.nproc_per_node < 1 or t.nnodes < 1:
+        raise ConfigError(f"--gpus {t.nproc_per_node} --nnodes {t.nnodes}: both must be >= 1")
+    if not 0 <= t.node_rank < t.nnodes:
+        raise ConfigError(f"--node-rank {t.node_rank}: must be in [0, {t.nnodes})")
+    if t.nnodes > 1 and not t.master_addr:
+        raise ConfigError("--nnodes > 1 needs --master-addr (the address of node 0)")
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--gpus {t.nproc_per_node}: no CUDA device on this machine. To run "
+            f"{t.nproc_per_node} CPU processes (gloo backend) instead, add -S train.device=cpu"
+        )
+    n = torch.cuda.device_count()
+    if t.nproc_per_node > n:
+        raise ConfigError(f"--gpus {t.nproc_per_node}: this node has only {n} CUDA device(s)")
+
+
+def torchrun_command(
+    t: Topology, module_args: Sequence[str], module: str = "stages.cli"
+) -> list[str]:
+    """`python -m torch.distributed.run ... -m <module> <module_args...>`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(t.nproc_per_node)]
+    if t.nnodes > 1 or t.master_addr or t.master_port:
+        cmd += ["--nnodes", str(t.nnodes), "--node-rank", str(t.node_rank)]
+        cmd += ["--master-addr", t.master_addr or "127.0.0.1"]
+        cmd += ["--master-port", str(t.master_port or 29500)]
+    else:
+        cmd += ["--standalone"]
+    return [*cmd, "-m", module, *module_args]
+
+
+def train_args(params: Path | str, overrides: Sequence[str] | None, resume: bool) -> list[str]:
+    """The `seg train` arguments each worker gets (no --gpus: a worker never re-launches)."""
+    args = ["train", "--params", str(params)]
+    for item in overrides or ():
+        args += ["--set", item]
+    if resume:
+        args.append("--resume")
+    return args
+
+
+def run(cmd: Sequence[str], env: dict | None = None) -> int:
+    """Run the command in the foreground; its exit code is ours. Ctrl-C reaches torchrun,
+    which stops its workers."""
+    full_env = {**os.environ, **(env or {})}
+    try:
+        return subprocess.call(list(cmd), env=full_env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def launch_train(
+    t: Topology,
+    params: Path | str,
+    overrides: Sequence[str] | None,
+    resume: bool,
+    device: str,
+) -> int:
+    """Check the topology, then run `seg train` under torchrun; returns torchrun's exit code."""
+    check_topology(t, device)
+    return run(torchrun_command(t, train_args(params, overrides, resume)))
+
+
+def launch_eval(
+    t: Topology,
+    checkpoint: Path | str,
+    shards: Path | str,
+    out: Path | str,
+    dataset: str = "cityscapes",
+    device: str = "auto",
+    batch_size: int = 1,
+) -> int:
+    """Evaluate a checkpoint with N processes (pipeline.engine.distributed's `eval` worker)."""
+    check_topology(t, device)
+    args = [
+        "eval", "--checkpoint", str(checkpoint), "--shards", str(shards), "--out", str(out),
+        "--dataset", dataset, "--device", device, "--batch-size", str(batch_size),
+    ]  # fmt: skip
+    return run(torchrun_command(t, args, module="pipeline.engine.distributed"))

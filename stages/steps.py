@@ -1,0 +1,286 @@
+"""The pipeline's stages as plain functions: read params, call the library, write outputs.
+
+The `seg` commands, the DVC stages (which run `seg ...`) and the Prefect flows all call
+these, so there is one code path. Paths come from params.yaml (`data` section) and are
+declared once there; dvc.yaml templates them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.params import Params, load_params, params_from_dict
+
+log = logging.getLogger("seg")
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def load(params_file: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """params.yaml plus `section.key=value` overrides (values parsed as YAML), validated."""
+    import yaml
+
+    params = load_params(params_file)
+    if not overrides:
+        return params
+    raw = params.to_dict()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a params section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"--set {key}: unknown key; valid: {', '.join(sorted(node))}")
+        node[parts[-1]] = yaml.safe_load(value)
+    return params_from_dict(raw)
+
+
+def shard_dir(p: Params, split: str) -> Path:
+    return Path(p.data.shards) / split
+
+
+def train_dir(p: Params) -> Path:
+    return Path(p.data.outputs) / "train"
+
+
+def eval_dir(p: Params) -> Path:
+    return Path(p.data.outputs) / "eval"
+
+
+def runs_file(p: Params) -> Path:
+    return Path(p.data.outputs) / "runs.parquet"
+
+
+def check_inputs(p: Params) -> None:
+    """Fail before any work when the dataset root is missing (real data only)."""
+    if not Path(p.data.root).is_dir():
+        raise DataError(f"{p.data.root}: dataset root not found (set data.root in params.yaml)")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def synth(p: Params, progress=None, overwrite: bool = True) -> dict:
+    from pipeline.data.synth import generate_cityscapes
+
+    s = p.synth
+    return generate_cityscapes(
+        Path(p.synth.out), {"train": s.train, "val": s.val}, height=s.height, width=s.width,
+        seed=s.seed, workers=_workers(p.preprocess.workers), progress=progress, overwrite=overwrite,
+    )  # fmt: skip
+
+
+def preprocess(p: Params, split: str, progress=None) -> dict:
+    from pipeline.data.shards import write_shards
+
+    check_inputs(p)
+    summary = write_shards(
+        p.data.root, split, shard_dir(p, split), dataset=p.data.dataset,
+        samples_per_shard=p.preprocess.samples_per_shard, image_format=p.preprocess.image_format,
+        workers=_workers(p.preprocess.workers), overwrite=True, progress=progress,
+    )  # fmt: skip
+    return {
+        "split": split, "samples": summary.samples, "shards": summary.shards,
+        "bytes": summary.bytes, "skipped": summary.skipped, "out": str(summary.out_dir),
+    }  # fmt: skip
+
+
+class _Live:
+    """Training callbacks -> DVCLive (metrics and plots dvc understands) + an optional sink."""
+
+    def __init__(self, out: Path, resume: bool, sink=None) -> None:
+        from dvclive import Live
+
+        self.live = Live(dir=str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=False)
+        self.sink = sink
+
+    def on_step(self, info: dict) -> None:
+        self.live.step = info["step"]
+        self.live.log_metric("train/loss", info["loss"])
+        self.live.log_metric("train/lr", info["lr"])
+        self.live.log_metric("train/images_per_s", info["images_per_s"])
+        if self.sink:
+            self.sink.on_step(info)
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        self.live.step = step
+        self.live.log_metric("val/miou", metrics["miou"])
+        self.live.log_metric("val/pixel_accuracy", metrics["pixel_accuracy"])
+        if self.sink:
+            self.sink.on_eval(step, metrics)
+
+    def close(self) -> None:
+        self.live.end()
+
+
+def train(p: Params, resume: bool = False, sink=None, stop_after: int | None = None) -> dict:
+    from pipeline.data.labels import get_spec
+    from pipeline.data.shards import class_pixel_counts
+    from pipeline.engine.distributed import rank_world
+    from pipeline.engine.train import Callbacks, train
+
+    out = train_dir(p)
+    resume = resume and _resumable(out / "last.pt", p)
+    main = rank_world()[0] == 0  # under torchrun only rank 0 logs and writes
+    live = _Live(out, resume, sink) if main else None
+    cb = Callbacks()
+    if live is not None:
+        cb.on_step, cb.on_eval = live.on_step, live.on_eval  # type: ignore[method-assign]
+    try:
+        result = train(
+            p.train, shard_dir(p, p.data.train_split), shard_dir(p, p.data.val_split), out,
+            get_spec(p.data.dataset), class_counts=class_pixel_counts(shard_dir(p, p.data.train_split)),
+            resume=resume, callbacks=cb, stop_after=stop_after,
+        )  # fmt: skip
+    finally:
+        if live is not None:
+            live.close()
+    summary = {k: v for k, v in result.items() if k != "history"}
+    if main:
+        _write_json(out / "summary.json", summary)
+    return summary
+
+
+def evaluate(
+    p: Params,
+    checkpoint: Path | str | None = None,
+    shards: Path | str | None = None,
+    out: Path | str | None = None,
+    progress=None,
+) -> dict:
+    """Score a checkpoint on the val shards; write metrics.json (+ per-class plot data, the
+    confusion matrix as JSON and PNG) stamped with provenance; append to the run history."""
+    from pipeline import provenance
+    from pipeline.data.labels import get_spec
+    from pipeline.engine.checkpoint import build_from_checkpoint, sha256_file
+    from pipeline.engine.evaluate import InferenceOptions, evaluate, resolve_device
+    from pipeline.params import params_hash
+
+    e = p.evaluate
+    checkpoint = Path(checkpoint or train_dir(p) / "best.pt")
+    shards = Path(shards or shard_dir(p, p.data.val_split))
+    out = Path(out or eval_dir(p))
+    device = resolve_device(e.device)
+    model, ckpt = build_from_checkpoint(checkpoint, device, output_stride=e.output_stride)
+    spec = get_spec(p.data.dataset)
+    opts = InferenceOptions(e.mode, tuple(e.crop_size), tuple(e.stride), tuple(e.scales), e.flip)
+    metrics, acc = evaluate(
+        model, shards, spec, device, opts, batch_size=e.batch_size, progress=progress
+    )
+    metrics["provenance"] = {
+        "git": provenance.git_state(),
+        "params_hash": params_hash(p),
+        "train_params_hash": params_hash(ckpt["params"]) if ckpt.get("params") else None,
+        "eval_params": _asdict(e),
+        "data": provenance.data_hash(shards),
+        "model_config": ckpt.get("model_config"),
+        "checkpoint": {
+            "path": str(checkpoint),
+            "sha256": sha256_file(checkpoint),
+            "step": ckpt.get("step"),
+        },
+        "time": provenance.now(),
+        "hardware": provenance.hardware(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "metrics.json", metrics)
+    _write_json(
+        out / "per_class_iou.json",
+        [{"class": k, "iou": v} for k, v in metrics["per_class_iou"].items()],
+    )
+    _write_json(
+        out / "confusion.json",
+        {"classes": list(spec.class_names), "matrix": acc.confusion.tolist()},
+    )
+    _confusion_png(acc.confusion.cpu().numpy(), spec.class_names, out / "confusion.png")
+    from stages.history import append_run
+
+    append_run(runs_file(p), metrics)
+    return metrics
+
+
+def score_predictions(
+    pred_dir: Path, gt_root: Path, split: str, dataset: str, out: Path | None, progress=None
+) -> dict:
+    from pipeline.engine.scoring import score_prediction_folder
+
+    metrics = score_prediction_folder(
+        pred_dir, gt_root, split=split, dataset=dataset, progress=progress
+    )
+    if out is not None:
+        _write_json(Path(out) / "metrics.json", metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _resumable(last: Path, p: Params) -> bool:
+    """Resume only an unfinished run of the same params; anything else starts afresh (so a
+    changed lr, or `dvc repro -f`, really retrains)."""
+    import dataclasses
+
+    from pipeline.engine.checkpoint import load
+
+    if not last.is_file():
+        log.info("no %s yet: starting a new run", last)
+        return False
+    ckpt = load(last)
+    if ckpt.get("params") != dataclasses.asdict(p.train):
+        log.info("%s was trained with other params: starting a new run", last)
+        return False
+    if int(ckpt.get("step", 0)) >= p.train.iterations:
+        log.info("%s is a finished run: starting a new run", last)
+        return False
+    return True
+
+
+def _workers(n: int) -> int:
+    return n or os.cpu_count() or 1
+
+
+def _asdict(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def _write_json(path: Path, data) -> None:
+    """Write JSON to a temporary file, then rename: never a half-written metrics file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _confusion_png(confusion, class_names, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = confusion.sum(1, keepdims=True)
+    norm = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(9, 8), dpi=80)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title("confusion matrix (row-normalised)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
