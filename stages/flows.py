@@ -120,6 +120,22 @@ def train_model(p: Params, resume: bool, log_every: int) -> dict:
     return steps.train(p, resume=resume, sink=LogSink(get_run_logger(), log_every))
 
 
+@task(name="train-model-torchrun", retries=0, **_NO_CACHE)
+def train_model_torchrun(params: str, overrides: list[str] | None, resume: bool, gpus: int) -> dict:
+    """The flow orchestrates, torch.distributed is the engine: `seg train` under torchrun with
+    `gpus` processes on this node; rank 0 writes the checkpoints and summary.json."""
+    import json
+
+    from pipeline.errors import SegError
+    from stages import launch
+
+    p = steps.load(params, overrides)
+    code = launch.launch_train(launch.Topology(gpus), params, overrides, resume, p.train.device)
+    if code != 0:
+        raise SegError(f"torchrun training with {gpus} processes exited with code {code}")
+    return json.loads((steps.train_dir(p) / "summary.json").read_text())
+
+
 @task(name="evaluate-checkpoint", **_IO, **_NO_CACHE)
 def evaluate_checkpoint(p: Params, checkpoint: str | None) -> str:
     """Score the checkpoint; returns the path of metrics.json (the metrics stay on disk)."""
@@ -218,8 +234,12 @@ def train_flow(
     overrides: list[str] | None = None,
     resume: bool = True,
     log_every: int = 50,
+    gpus: int = 0,
 ) -> dict:
-    """Train on the shards. `resume` continues an unfinished run of the same params only."""
+    """Train on the shards. `resume` continues an unfinished run of the same params only;
+    `gpus` > 1 runs DDP under torchrun (one process per GPU; on CPU with train.device=cpu)."""
+    if gpus > 1:
+        return train_model_torchrun(params, overrides, resume, gpus)
     return train_model(steps.load(params, overrides), resume, log_every)
 
 
@@ -240,13 +260,14 @@ def pipeline_flow(
     overrides: list[str] | None = None,
     resume: bool = True,
     log_every: int = 50,
+    gpus: int = 0,
 ) -> dict:
     """synth (when data.root is synth.out) -> preprocess train+val -> train -> evaluate."""
     p = steps.load(params, overrides)
     if Path(p.data.root) == Path(p.synth.out):
         synth_flow(params, overrides)
     preprocess_flow(params, overrides)
-    train_flow(params, overrides, resume=resume, log_every=log_every)
+    train_flow(params, overrides, resume=resume, log_every=log_every, gpus=gpus)
     return evaluate_flow(params, overrides)
 
 

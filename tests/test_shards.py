@@ -180,3 +180,20 @@ def test_cli_preprocess_and_stats(tiny_root, tmp_path):
     assert '"class": "car"' in result.output
     result = runner.invoke(app, ["preprocess", str(tiny_root), "val", str(out)])
     assert result.exit_code == 1 and "exists" in result.output
+
+
+def test_shards_read_from_pipe_and_fsspec_urls(tiny_root, tmp_path):
+    write_shards(tiny_root, "val", tmp_path / "s")
+    shard = tmp_path / "s" / "shard-000000.tar"
+    local = [s["key"] for s in EvalReader(tmp_path / "s")]
+    assert [s["key"] for s in EvalReader([f"pipe:cat {shard}"])] == local
+    assert [s["key"] for s in EvalReader([f"file://{shard}"])] == local
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/bucket/shard-000000.tar", shard.read_bytes())
+    assert [s["key"] for s in EvalReader(["memory://bucket/shard-000000.tar"])] == local
+    it = iter(
+        TrainStream([f"pipe:cat {shard}"], transform=TrainAugment((16, 16)), shuffle_buffer=1)
+    )
+    assert next(it)["image"].shape == (3, 16, 16)

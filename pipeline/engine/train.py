@@ -154,6 +154,11 @@ def train(
     if p.batch_size % world:
         raise ConfigError(f"train.batch_size {p.batch_size} is not divisible by {world} processes")
     local_batch = p.batch_size // world
+    if local_batch < 2 and not p.freeze_bn:
+        raise ConfigError(
+            f"train.batch_size {p.batch_size} over {world} process(es) is {local_batch} image per "
+            "step: BatchNorm (ASPP image pooling) needs >= 2 per process, or train.freeze_bn: true"
+        )
     torch.manual_seed(p.seed + rank)
     random.seed(p.seed + rank)
 

@@ -62,6 +62,9 @@ def flow(
         bool, typer.Option(help="train: continue an unfinished run of the same params.")
     ] = True,
     log_every: LogEveryOpt = 50,
+    gpus: Annotated[
+        int, typer.Option(help="train/pipeline: DDP under torchrun with N processes (GPUs).")
+    ] = 0,
 ) -> None:
     """Run a stage's Prefect flow (or the pipeline flow) now; ephemeral unless PREFECT_API_URL is set."""
     api = _prepare(params, set_)
@@ -70,7 +73,7 @@ def flow(
 
     kwargs = {"params": str(params), "overrides": set_ or []}
     if stage in (Stage.train, Stage.pipeline):
-        kwargs.update(resume=resume, log_every=log_every)
+        kwargs.update(resume=resume, log_every=log_every, gpus=gpus)
     result = flows.FLOWS[stage.value](**kwargs)
     if isinstance(result, dict) and "miou" in result:
         console.print(
