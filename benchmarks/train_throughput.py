@@ -34,6 +34,8 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.engine.losses import SegLoss
+from pipeline.engine.train import amp_setting as _amp_setting
+from pipeline.errors import ConfigError
 from pipeline.models import ARCHS, BACKBONES, build_model
 from pipeline.models.complexity import count_macs
 
@@ -52,16 +54,11 @@ def sync(device: torch.device) -> None:
 
 
 def amp_setting(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use a GradScaler): as the train loop's `train.amp`."""
-    if mode == "auto":
-        if device.type != "cuda":
-            return None, False
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if mode == "off":
-        return None, False
-    if mode == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs CUDA; use bf16 or off on CPU")
-    return (torch.bfloat16, False) if mode == "bf16" else (torch.float16, True)
+    """(autocast dtype or None, use a GradScaler): the train loop's own rule for `train.amp`."""
+    try:
+        return _amp_setting(mode, device)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 class Step:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import make_project
 from typer.testing import CliRunner
 
 from stages import launch
@@ -42,29 +42,11 @@ def _seg(*args: str) -> list[str]:
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory) -> Path:
     """A tiny project: shrunk params.yaml, synthetic frames, train and val shards."""
-    root = tmp_path_factory.mktemp("ddp") / "proj"
-    root.mkdir()
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
-    p["synth"].update(train=8, val=4, height=64, width=128)
-    p["train"].update(
-        iterations=4, batch_size=4, crop_size=[64, 64], val_interval=4, checkpoint_interval=2,
-        workers=0, device="cpu",
-    )  # fmt: skip
-    p["preprocess"]["workers"] = 1
-    p["evaluate"].update(batch_size=1, device="cpu")
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    from stages import steps
-
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        params = steps.load("params.yaml")
-        steps.synth(params)
-        steps.preprocess(params, "train")
-        steps.preprocess(params, "val")
-    finally:
-        os.chdir(cwd)
-    return root
+    return make_project(
+        tmp_path_factory.mktemp("ddp") / "proj",
+        **{"synth.train": 8, "synth.val": 4, "train.batch_size": 4, "train.val_interval": 4},
+        **{"train.device": "cpu", "evaluate.batch_size": 1},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +188,6 @@ def test_resume_two_processes_on_one(proj: Path, tmp_path: Path):
 
 def test_train_flow_launches_torchrun(tmp_path, monkeypatch):
     """The Prefect flow orchestrates; two gloo processes under torchrun do the training."""
-    from conftest import make_project
-
     from stages import flows
 
     proj = make_project(tmp_path / "flowproj", **{"train.device": "cpu", "train.batch_size": 4})

@@ -181,7 +181,7 @@ def test_pipeline_flow_runs_show_up_with_logs_and_artifacts(server, project, one
             }  # fmt: skip
             assert all(r.state.is_completed() for r in runs.values())
             assert runs["seg-pipeline"].parameters == {
-                "params": "params.yaml", "overrides": [], "resume": True, "log_every": 2,
+                "params": "params.yaml", "overrides": [], "resume": True, "log_every": 2, "gpus": 0,
             }  # fmt: skip
             assert runs["seg-pipeline"].parent_task_run_id is None
             assert runs["seg-evaluate"].parent_task_run_id is not None  # a subflow

@@ -72,9 +72,9 @@ def freeze_bn(model: nn.Module) -> None:
                 param.requires_grad_(False)
 
 
-def _amp(p: TrainParams, device: torch.device):
-    """(autocast dtype or None, use a grad scaler)."""
-    mode = p.amp
+def amp_setting(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use a grad scaler) for train.amp = auto | bf16 | fp16 | off:
+    auto is bf16 where the GPU has it, fp16 on older GPUs, off on CPU."""
     if mode == "auto":
         if device.type != "cuda":
             return None, False
@@ -219,7 +219,7 @@ def train(
         p.ohem_min_kept, spec.ignore_index,
     ).to(device)  # fmt: skip
     optimizer = _optimizer(p, [q for q in raw_model.parameters() if q.requires_grad])
-    amp_dtype, use_scaler = _amp(p, device)
+    amp_dtype, use_scaler = amp_setting(p.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     best: list[dict] = []  # [{"miou", "step", "path"}], best first
     history: list[dict] = []
@@ -324,7 +324,7 @@ def train(
             history[-1]["val_miou"] = metrics["miou"]
             if rank == 0:
                 cb.on_eval(done, metrics)
-                best = _keep_best(best, metrics["miou"], done, raw_model, cfg, out_dir, p.keep_best)
+                best = _keep_best(best, metrics["miou"], done, raw_model, cfg, out_dir, p)
         if done % p.checkpoint_interval == 0 or done == p.iterations:
             save_last(done)
         if stop_after is not None and done >= stop_after:
@@ -347,10 +347,17 @@ def _normal(cfg: dict | None) -> dict | None:
 
 
 def _keep_best(
-    best: list[dict], miou: float, step: int, model, cfg: dict, out_dir: Path, k: int
+    best: list[dict], miou: float, step: int, model, cfg: dict, out_dir: Path, p: TrainParams
 ) -> list[dict]:
     """Keep the k best snapshots by val mIoU (for `seg average`); best.pt is the top one."""
-    snap = {"model": model.state_dict(), "model_config": cfg, "step": step, "val_miou": miou}
+    snap = {
+        "model": model.state_dict(),
+        "model_config": cfg,
+        "params": dataclasses.asdict(p),
+        "step": step,
+        "val_miou": miou,
+    }
+    k = p.keep_best
     entry = {"miou": float(miou), "step": step, "path": str(out_dir / f"best-{step:07d}.pt")}
     ranked = sorted([*best, entry], key=lambda e: (-e["miou"], e["step"]))
     keep, drop = ranked[:k], ranked[k:]

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pipeline.models.backbones import SeparableConv2d
+
 ASPP_CHANNELS = 256  # DeepLabV3 paper, Sec. 3.3: "256 filters and batch normalization"
 ASPP_DROPOUT = 0.1  # reference implementation (tensorflow/models deeplab): keep_prob 0.9
 LOW_LEVEL_CHANNELS = 48  # DeepLabV3+ paper, Sec. 3.1 / Table 1: 1x1 conv to 48 channels
@@ -22,22 +24,7 @@ DECODER_CHANNELS = 256  # DeepLabV3+ paper, Sec. 3.1 / Table 2: two [3x3, 256] c
 def separable_conv(in_channels: int, out_channels: int, dilation: int = 1) -> nn.Sequential:
     """Atrous depthwise-separable 3x3 conv, the paper's "SC" (DeepLabV3+ paper, Sec. 3.1):
     depthwise 3x3 (dilated) -> BN -> ReLU -> pointwise 1x1 -> BN -> ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(
-            in_channels,
-            in_channels,
-            3,
-            padding=dilation,
-            dilation=dilation,
-            groups=in_channels,
-            bias=False,
-        ),
-        nn.BatchNorm2d(in_channels),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(in_channels, out_channels, 1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
+    return SeparableConv2d(in_channels, out_channels, dilation=dilation, relu=True)
 
 
 def conv_bn_relu(

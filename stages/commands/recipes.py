@@ -14,6 +14,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 def register(app: typer.Typer) -> None:
     app.command()(recipe)
+    app.command()(params)
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -68,3 +69,26 @@ def recipe(
         + (f", data.root={root}" if root else "")
         + "; now run `dvc repro`"
     )
+
+
+@cli_errors
+def params(
+    file: Annotated[Path, typer.Option("--params", "-p", help="The params file.")] = Path(
+        "params.yaml"
+    ),
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-S", help="Override a param (repeatable).")
+    ] = None,
+    show: Annotated[bool, typer.Option(help="Print the resolved params as YAML.")] = False,
+) -> None:
+    """Validate params.yaml (unknown keys, impossible values); --show prints the resolved params."""
+    import yaml
+
+    from pipeline.params import params_hash
+    from stages import steps
+    from stages.progress import console
+
+    p = steps.load(file, set_)
+    if show:
+        typer.echo(yaml.safe_dump(p.to_dict(), sort_keys=False))
+    console.print(f"{file}: ok (params hash {params_hash(p)[:12]})")
