@@ -33,7 +33,7 @@ def decode_png_bytes(data: bytes, source: str = "<bytes>") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return np.asarray(im).copy()
+            return np.array(im)  # one copy, writable
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{source}: cannot decode image ({exc})") from None
 

@@ -395,9 +395,12 @@ def iter_raw(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, group
 
 
-def decode_sample(key: str, members: dict[str, bytes], source: str = "") -> dict:
+def decode_sample(
+    key: str, members: dict[str, bytes], source: str = "", instance: bool = True
+) -> dict:
     """Tar members -> {"key", "image": uint8 (3, H, W), "label": uint8 (H, W) or None,
-    "instance": int32 (H, W) or None, "meta": dict}. No resizing, ever."""
+    "instance": int32 (H, W) or None, "meta": dict}. No resizing, ever. `instance=False`
+    skips decoding instanceIds (training does not use them)."""
     import torch
 
     where = f"{source}:{key}"
@@ -418,7 +421,7 @@ def decode_sample(key: str, members: dict[str, bytes], source: str = "") -> dict
     }
     if "label.png" in members:
         out["label"] = torch.from_numpy(decode_png_bytes(members["label.png"], where))
-    if "instance.png" in members:
+    if instance and "instance.png" in members:
         out["instance"] = torch.from_numpy(
             decode_png_bytes(members["instance.png"], where).astype(np.int32)
         )
@@ -532,7 +535,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             item, buffer[j] = buffer[j], item
             if produced >= skip:
                 url, key, members = item
-                sample = decode_sample(key, members, url)
+                sample = decode_sample(key, members, url, instance=False)
                 if self.transform is not None:
                     g = torch.Generator().manual_seed(
                         int(
