@@ -184,3 +184,23 @@ def test_cli_eval_predict_average_runs(trained_project, tmp_path, monkeypatch):
     assert result.exit_code == 0 and "2 evaluation(s)" in result.output
     result = runner.invoke(app, ["runs", "--compare", "0", "1"])
     assert result.exit_code == 0 and "road" in result.output
+
+
+def test_output_stride_switch_freezes_bn_and_travels_with_the_checkpoint(tmp_path, monkeypatch):
+    """DeepLabV3 protocol: train at OS16, then OS8 with BN frozen; eval runs at OS8."""
+    from pipeline.engine.checkpoint import build_from_checkpoint
+
+    proj = make_project(tmp_path / "p")
+    monkeypatch.chdir(proj)
+    p = steps.load("params.yaml", ["train.os8_from=2", "train.checkpoint_interval=1"])
+    steps.train(p, stop_after=2)
+    before = checkpoint.load(proj / "outputs/train/last.pt")
+    steps.train(p, resume=True)
+    after = checkpoint.load(proj / "outputs/train/last.pt")
+    assert before["output_stride"] == 16 and after["output_stride"] == 8
+    bn = [k for k in after["model"] if k.endswith("running_mean")]
+    assert bn and all(torch.equal(before["model"][k], after["model"][k]) for k in bn)
+    conv = next(k for k in after["model"] if k.endswith("weight") and after["model"][k].dim() == 4)
+    assert not torch.equal(before["model"][conv], after["model"][conv])  # the rest still trains
+    model, _ = build_from_checkpoint(proj / "outputs/train/last.pt")
+    assert model.output_stride == 8

@@ -54,7 +54,8 @@ def sha256_file(path: Path | str) -> str:
 
 
 def build_from_checkpoint(path: Path | str, device="cpu", output_stride: int | None = None):
-    """(model in eval mode, checkpoint dict). The model config travels in the checkpoint."""
+    """(model in eval mode, checkpoint dict). The model config travels in the checkpoint; the
+    model runs at `output_stride`, else at the stride it last trained at (8 after a switch)."""
     from pipeline.models import build_model
 
     ckpt = load(path)
@@ -67,7 +68,8 @@ def build_from_checkpoint(path: Path | str, device="cpu", output_stride: int | N
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model {cfg} ({exc})") from None
-    if output_stride is not None:
+    output_stride = output_stride or ckpt.get("output_stride")
+    if output_stride is not None and output_stride != model.output_stride:
         model.set_output_stride(output_stride)
     return model.to(device).eval(), ckpt
 

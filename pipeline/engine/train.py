@@ -218,7 +218,8 @@ def train(
         spec.num_classes, p.loss, weights, p.label_smoothing, p.ohem, p.ohem_thresh,
         p.ohem_min_kept, spec.ignore_index,
     ).to(device)  # fmt: skip
-    optimizer = _optimizer(p, [q for q in raw_model.parameters() if q.requires_grad])
+    # all parameters, frozen BN too: the groups must match across an OS8 switch and a resume
+    optimizer = _optimizer(p, list(raw_model.parameters()))
     amp_dtype, use_scaler = amp_setting(p.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     best: list[dict] = []  # [{"miou", "step", "path"}], best first
@@ -252,6 +253,7 @@ def train(
             {
                 "model": raw_model.state_dict(),
                 "model_config": cfg,
+                "output_stride": raw_model.output_stride,  # 8 after an OS16 -> OS8 switch
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "step": step,
@@ -353,6 +355,7 @@ def _keep_best(
     snap = {
         "model": model.state_dict(),
         "model_config": cfg,
+        "output_stride": model.output_stride,
         "params": dataclasses.asdict(p),
         "step": step,
         "val_miou": miou,
