@@ -201,6 +201,8 @@ def _check(p: Params) -> None:
         "grad_accum",
         "val_interval",
         "checkpoint_interval",
+        "keep_best",
+        "shuffle_buffer",
     ):
         _positive(f"train.{name}", getattr(t, name))
     for name in (
@@ -210,8 +212,19 @@ def _check(p: Params) -> None:
         "label_smoothing",
         "min_lr",
         "workers",
+        "seed",
+        "poly_power",
+        "aux_weight",
     ):
         _positive(f"train.{name}", getattr(t, name), strict=False)
+    _positive("synth.seed", p.synth.seed, strict=False)
+    _positive("preprocess.workers", p.preprocess.workers, strict=False)
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr {t.min_lr} is above train.lr {t.lr}")
+    if t.os8_from is not None and not 0 <= t.os8_from < t.iterations:
+        raise ConfigError(f"train.os8_from: a step in [0, {t.iterations}), got {t.os8_from}")
+    if not 0 <= t.ohem_thresh <= 1:
+        raise ConfigError(f"train.ohem_thresh: a probability in [0, 1], got {t.ohem_thresh}")
     if len(t.crop_size) != 2 or min(t.crop_size) < 1:
         raise ConfigError(f"train.crop_size: expected [height, width] > 0, got {t.crop_size}")
     lo, hi = (t.scale_range + [0, 0])[:2]
@@ -219,18 +232,29 @@ def _check(p: Params) -> None:
         raise ConfigError(
             f"train.scale_range: expected [min, max] with 0 < min <= max, got {t.scale_range}"
         )
-    if not t.loss or any(k not in ("ce", "dice") for k in t.loss):
-        raise ConfigError(f"train.loss: weights for ce and/or dice, got {t.loss}")
+    if not t.loss or any(k not in ("ce", "dice") or w < 0 for k, w in t.loss.items()):
+        raise ConfigError(f"train.loss: weights >= 0 for ce and/or dice, got {t.loss}")
     e = p.evaluate
     _choice("evaluate.mode", e.mode, ("whole", "slide"))
     _choice("evaluate.output_stride", e.output_stride, (None, 8, 16, 32))
     _choice("evaluate.device", e.device, ("auto", "cpu", "cuda"))
-    if not e.scales or min(e.scales) <= 0:
-        raise ConfigError(f"evaluate.scales: positive factors, got {e.scales}")
-    if e.mode == "slide" and any(s > c for s, c in zip(e.stride, e.crop_size, strict=False)):
+    check_inference(e.crop_size, e.stride, e.scales, e.batch_size, "evaluate.")
+
+
+def check_inference(crop, stride, scales, batch_size: int, prefix: str = "--") -> None:
+    """Sliding-window and test-time options that would give NaNs, a crash or one huge batch."""
+    if len(crop) != 2 or len(stride) != 2 or min(crop) < 1 or min(stride) < 1:
         raise ConfigError(
-            f"evaluate.stride {e.stride} must not exceed evaluate.crop_size {e.crop_size}"
+            f"{prefix}crop_size {list(crop)} / {prefix}stride {list(stride)}: two positive ints each"
         )
+    if any(s > c for s, c in zip(stride, crop, strict=True)):
+        raise ConfigError(
+            f"{prefix}stride {list(stride)} must not exceed {prefix}crop_size {list(crop)} (gaps)"
+        )
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"{prefix}scales: positive factors, got {list(scales)}")
+    if batch_size < 1:
+        raise ConfigError(f"{prefix}batch_size: must be >= 1, got {batch_size}")
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

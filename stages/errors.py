@@ -23,7 +23,10 @@ def cli_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SegError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            msg = str(exc)
+            if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the message
+                msg = [line for line in msg.splitlines() if line.strip()][-1].split(": ", 1)[-1]
+            err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -117,7 +117,9 @@ class LogSink:
 
 @task(name="train-model", retries=0, **_NO_CACHE)  # hours of compute: resume, don't retry
 def train_model(p: Params, resume: bool, log_every: int) -> dict:
-    return steps.train(p, resume=resume, sink=LogSink(get_run_logger(), log_every))
+    return steps.train(
+        p, resume="auto" if resume else False, sink=LogSink(get_run_logger(), log_every)
+    )
 
 
 @task(name="train-model-torchrun", retries=0, **_NO_CACHE)
@@ -130,7 +132,8 @@ def train_model_torchrun(params: str, overrides: list[str] | None, resume: bool,
     from stages import launch
 
     p = steps.load(params, overrides)
-    code = launch.launch_train(launch.Topology(gpus), params, overrides, resume, p.train.device)
+    mode = "auto" if resume else False
+    code = launch.launch_train(launch.Topology(gpus), params, overrides, mode, p.train.device)
     if code != 0:
         raise SegError(f"torchrun training with {gpus} processes exited with code {code}")
     return json.loads((steps.train_dir(p) / "summary.json").read_text())

@@ -79,12 +79,16 @@ def torchrun_command(
     return [*cmd, "-m", module, *module_args]
 
 
-def train_args(params: Path | str, overrides: Sequence[str] | None, resume: bool) -> list[str]:
+def train_args(
+    params: Path | str, overrides: Sequence[str] | None, resume: bool | str
+) -> list[str]:
     """The `seg train` arguments each worker gets (no --gpus: a worker never re-launches)."""
     args = ["train", "--params", str(params)]
     for item in overrides or ():
         args += ["--set", item]
-    if resume:
+    if resume == "auto":
+        args.append("--auto-resume")
+    elif resume:
         args.append("--resume")
     return args
 
@@ -103,7 +107,7 @@ def launch_train(
     t: Topology,
     params: Path | str,
     overrides: Sequence[str] | None,
-    resume: bool,
+    resume: bool | str,
     device: str,
 ) -> int:
     """Check the topology, then run `seg train` under torchrun; returns torchrun's exit code."""

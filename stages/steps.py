@@ -123,14 +123,17 @@ class _Live:
         self.live.end()
 
 
-def train(p: Params, resume: bool = False, sink=None, stop_after: int | None = None) -> dict:
+def train(p: Params, resume: bool | str = False, sink=None, stop_after: int | None = None) -> dict:
+    """resume: False (a new run), True (continue last.pt or fail), "auto" (continue an
+    unfinished run of the same params, else a new run)."""
     from pipeline.data.labels import get_spec
     from pipeline.data.shards import class_pixel_counts
     from pipeline.engine.distributed import rank_world
     from pipeline.engine.train import Callbacks, train
 
     out = train_dir(p)
-    resume = resume and _resumable(out / "last.pt", p)
+    _check_dataset(shard_dir(p, p.data.train_split), p.data.dataset)
+    resume = bool(resume) and _resumable(out / "last.pt", p, strict=resume is True)
     main = rank_world()[0] == 0  # under torchrun only rank 0 logs and writes
     live = _Live(out, resume, sink) if main else None
     cb = Callbacks()
@@ -162,7 +165,7 @@ def evaluate(
     confusion matrix as JSON and PNG) stamped with provenance; append to the run history."""
     from pipeline import provenance
     from pipeline.data.labels import get_spec
-    from pipeline.engine.checkpoint import build_from_checkpoint, sha256_file
+    from pipeline.engine.checkpoint import build_from_checkpoint, check_classes, sha256_file
     from pipeline.engine.evaluate import InferenceOptions, evaluate, resolve_device
     from pipeline.params import params_hash
 
@@ -173,6 +176,8 @@ def evaluate(
     device = resolve_device(e.device)
     model, ckpt = build_from_checkpoint(checkpoint, device, output_stride=e.output_stride)
     spec = get_spec(p.data.dataset)
+    check_classes(ckpt, spec, checkpoint)
+    _check_dataset(shards, spec.name)
     opts = InferenceOptions(e.mode, tuple(e.crop_size), tuple(e.stride), tuple(e.scales), e.flip)
     metrics, acc = evaluate(
         model, shards, spec, device, opts, batch_size=e.batch_size, progress=progress
@@ -225,23 +230,44 @@ def score_predictions(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _resumable(last: Path, p: Params) -> bool:
-    """Resume only an unfinished run of the same params; anything else starts afresh (so a
-    changed lr, or `dvc repro -f`, really retrains)."""
+def _check_dataset(shards: Path, dataset: str) -> None:
+    from pipeline.data.shards import manifest_info
+
+    made_from = manifest_info(shards).get("dataset")
+    if made_from != dataset:
+        raise DataError(
+            f"{shards}: shards of dataset {made_from!r}, but data.dataset is {dataset!r}"
+        )
+
+
+# params that change neither the weights nor the data order: a resume may change them
+_RESUME_FREE = ("device", "val_interval", "checkpoint_interval", "keep_best")
+
+
+def _resumable(last: Path, p: Params, strict: bool = False) -> bool:
+    """Can `last` be continued with these params? With strict (`seg train --resume`), a no is an
+    error saying why; otherwise (`--auto-resume`: dvc repro, the flows) the run starts afresh, so
+    a changed lr or `dvc repro -f` really retrains, and the reason is logged."""
     import dataclasses
 
     from pipeline.engine.checkpoint import load
+    from pipeline.errors import CheckpointError
+
+    def no(reason: str) -> bool:
+        if strict:
+            raise CheckpointError(f"{last}: cannot resume: {reason}")
+        log.warning("%s: %s; starting a new run", last, reason)
+        return False
 
     if not last.is_file():
-        log.info("no %s yet: starting a new run", last)
-        return False
+        return no("no checkpoint yet")
     ckpt = load(last)
-    if ckpt.get("params") != dataclasses.asdict(p.train):
-        log.info("%s was trained with other params: starting a new run", last)
-        return False
+    old, new = ckpt.get("params") or {}, dataclasses.asdict(p.train)
+    changed = sorted(k for k in new if k not in _RESUME_FREE and old.get(k) != new[k])
+    if changed:
+        return no("trained with other params: " + ", ".join(f"train.{k}" for k in changed))
     if int(ckpt.get("step", 0)) >= p.train.iterations:
-        log.info("%s is a finished run: starting a new run", last)
-        return False
+        return no(f"the run finished at step {ckpt.get('step')}")
     return True
 
 

@@ -44,6 +44,12 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
     p2 = steps.load("params.yaml", ["train.iterations=6", "train.val_interval=3", "train.lr=0.02"])
     assert not steps._resumable(proj / "outputs/train/last.pt", p2)
     assert not steps._resumable(proj / "outputs/train/last.pt", p)
+    with pytest.raises(CheckpointError, match="train.lr"):  # seg train --resume says why
+        steps._resumable(proj / "outputs/train/last.pt", p2, strict=True)
+    result = runner.invoke(
+        app, ["train", "--resume", "-S", "train.iterations=6", "-S", "train.val_interval=3"]
+    )
+    assert result.exit_code == 1 and "finished at step 6" in result.output
 
 
 def test_all_ignore_crop_gives_zero_loss_not_nan():
@@ -124,6 +130,15 @@ def test_params_reject_unknown_keys_and_impossible_values(tmp_path):
         steps.load(f)
     result = runner.invoke(app, ["train", "--params", str(f)])
     assert result.exit_code == 1 and "output_stride" in result.output
+    for bad, message in [
+        ("train:\n  keep_best: 0\n", "train.keep_best: must be > 0"),
+        ("train:\n  seed: -1\n", "train.seed: must be >= 0"),
+        ("evaluate:\n  stride: [1200, 1200]\n", "stride .* must not exceed"),
+        ("evaluate:\n  batch_size: 0\n", "evaluate.batch_size: must be >= 1"),
+    ]:
+        f.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            steps.load(f)
 
 
 def test_cli_eval_predict_average_runs(trained_project, tmp_path, monkeypatch):
@@ -146,6 +161,29 @@ def test_cli_eval_predict_average_runs(trained_project, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
 
     images = sorted((proj / "data/synthetic/leftImg8bit/val").rglob("*.png"))
+    wrong = runner.invoke(
+        app,
+        ["predict", str(images[0]), "--checkpoint", "outputs/train/best.pt", "--dataset", "voc"],
+    )
+    assert wrong.exit_code == 1 and "predicts 19 classes, dataset voc has 21" in wrong.output
+    gaps = runner.invoke(
+        app,
+        [
+            "predict",
+            str(images[0]),
+            "--checkpoint",
+            "outputs/train/best.pt",
+            "--mode",
+            "slide",
+            "--crop",
+            "32",
+            "32",
+            "--stride",
+            "48",
+            "48",
+        ],
+    )
+    assert gaps.exit_code == 1 and "must not exceed" in gaps.output
     result = runner.invoke(
         app, ["predict", str(images[0].parent), "--checkpoint", "outputs/train/best.pt", "--out", "pred", "--mode", "slide", "--crop", "32", "64", "--stride", "32", "48"]
     )  # fmt: skip

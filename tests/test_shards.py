@@ -166,6 +166,8 @@ def test_empty_split_and_existing_output_are_errors(tiny_root, tmp_path):
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(DataError, match="exists"):
         write_shards(tiny_root, "val", out)
+    with pytest.raises(DataError, match="not a shard folder"):  # --overwrite never deletes it
+        write_shards(tiny_root, "val", out, overwrite=True)
     assert (out / "precious.txt").read_text() == "keep me"
 
 

@@ -190,6 +190,17 @@ def write_shards(
             f"unknown image_format {image_format!r}; valid: {', '.join(IMAGE_FORMATS)}"
         )
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: output path is a file, not a folder")
+    if (
+        out_dir.exists()
+        and any(out_dir.iterdir())
+        and overwrite
+        and not (out_dir / MANIFEST).is_file()
+    ):
+        raise DataError(
+            f"{out_dir}: not a shard folder (no {MANIFEST}); --overwrite only replaces shards it made"
+        )
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DataError(
             f"{out_dir}: output folder exists and is not empty (remove it, or use --overwrite)"

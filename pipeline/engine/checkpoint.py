@@ -83,7 +83,11 @@ def average_checkpoints(paths: list[Path | str], out: Path | str) -> Path:
     first = ckpts[0]
     keys = set(first["model"])
     for p, c in zip(paths, ckpts, strict=True):
-        if set(c["model"]) != keys or c.get("model_config") != first.get("model_config"):
+        if (
+            set(c["model"]) != keys
+            or c.get("model_config") != first.get("model_config")
+            or c.get("output_stride") != first.get("output_stride")
+        ):
             raise CheckpointError(f"{p}: a different model than {paths[0]}; cannot average")
     avg = {}
     for k, v in first["model"].items():
@@ -94,8 +98,19 @@ def average_checkpoints(paths: list[Path | str], out: Path | str) -> Path:
     out_obj = {
         "model": avg,
         "model_config": first.get("model_config"),
+        "output_stride": first.get("output_stride"),
         "params": first.get("params"),
         "averaged_from": [str(p) for p in paths],
         "step": max(int(c.get("step", 0)) for c in ckpts),
     }
     return save_atomic(out_obj, out)
+
+
+def check_classes(ckpt: dict, spec, path: Path | str) -> None:
+    """The checkpoint's class count must be the dataset's (a VOC model is not a Cityscapes one)."""
+    n = (ckpt.get("model_config") or {}).get("num_classes")
+    if n is not None and n != spec.num_classes:
+        raise CheckpointError(
+            f"{path}: the model predicts {n} classes, dataset {spec.name} has {spec.num_classes}"
+            " (pass the dataset it was trained on)"
+        )

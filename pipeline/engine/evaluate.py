@@ -20,6 +20,7 @@ from pipeline.data.labels import DatasetSpec
 from pipeline.data.shards import EvalReader
 from pipeline.data.transforms import normalize
 from pipeline.engine.inference import predict_probs
+from pipeline.errors import DataError
 from pipeline.metrics import SegMetrics
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     """Files, folders (recursive) or globs -> sorted image paths."""
     import glob
 
-    from pipeline.errors import DataError
-
     out: set[Path] = set()
     for item in inputs:
         p = Path(item)
@@ -164,6 +163,13 @@ def predict_files(
     from pipeline.data.pngio import read_png
 
     model.eval()
+    stems: dict[str, Path] = {}
+    for p in paths:
+        if output_stem(p) in stems:
+            raise DataError(
+                f"{p} and {stems[output_stem(p)]}: same name, their outputs would collide"
+            )
+        stems[output_stem(p)] = p
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     samples = (

@@ -231,6 +231,9 @@ def train(
         history = list(ckpt.get("history", []))
         log.info("resumed from %s at step %d", last_path, start_step)
 
+    if rank == 0:
+        _tidy_snapshots(out_dir, best)
+
     # ---- data: the stream continues where the checkpoint left it
     augment = TrainAugment(tuple(p.crop_size), tuple(p.scale_range), p.flip, spec.ignore_index)
     batches_done = start_step * p.grad_accum
@@ -340,6 +343,23 @@ def train(
         "best_k": [b["path"] for b in best],
         "history": history,
     }
+
+
+def _tidy_snapshots(out_dir: Path, best: list[dict]) -> None:
+    """Snapshots on disk = the run's best-k list: a new run drops an old run's, a resumed one
+    drops those written after its last.pt (a timeline that was lost with the kill)."""
+    import shutil
+
+    keep = {Path(b["path"]).name for b in best}
+    for f in out_dir.glob("best-*.pt"):
+        if f.name not in keep:
+            f.unlink()
+    if best:
+        tmp = out_dir / f".{BEST}.tmp"
+        shutil.copyfile(best[0]["path"], tmp)
+        tmp.replace(out_dir / BEST)
+    else:
+        (out_dir / BEST).unlink(missing_ok=True)
 
 
 def _normal(cfg: dict | None) -> dict | None:

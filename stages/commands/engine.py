@@ -47,7 +47,15 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue from outputs/train/last.pt if it exists.")
+        bool,
+        typer.Option(help="Continue outputs/train/last.pt; fails, saying why, if it can't."),
+    ] = False,
+    auto_resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue last.pt if it is an unfinished run of the same params, else start "
+            "afresh (what dvc repro uses)."
+        ),
     ] = False,
     gpus: Annotated[
         int,
@@ -71,11 +79,12 @@ def train(
     from stages.progress import console, progress_bar
 
     p = steps.load(params, set_)
+    mode = "auto" if auto_resume else resume
     if (gpus > 1 or nnodes > 1) and not distributed.in_worker():
         from stages import launch
 
         topo = launch.Topology(max(gpus, 1), nnodes, node_rank, master_addr, master_port)
-        code = launch.launch_train(topo, params, set_, resume, p.train.device)
+        code = launch.launch_train(topo, params, set_, mode, p.train.device)
         if code:
             raise typer.Exit(code)
         return
@@ -83,9 +92,9 @@ def train(
     try:
         if rank == 0:
             with progress_bar("train", "loss", "lr", "img_s") as update:
-                summary = steps.train(p, resume=resume, sink=_RichProgress(update))
+                summary = steps.train(p, resume=mode, sink=_RichProgress(update))
         else:
-            summary = steps.train(p, resume=resume)
+            summary = steps.train(p, resume=mode)
     finally:
         distributed.cleanup()
     if rank != 0:
@@ -109,7 +118,10 @@ def evaluate(
         Path | None, typer.Option(help="Shard folder (default: the val shards).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Folder for metrics.json etc. (default outputs/eval).")
+        Path | None,
+        typer.Option(
+            help="Folder for metrics.json etc. (default outputs/eval; with --predictions: none)."
+        ),
     ] = None,
     predictions: Annotated[
         Path | None,
@@ -178,7 +190,7 @@ def predict(
 ) -> None:
     """Segment images: writes {name}_trainIds/_labelIds/_color/_overlay.png per image."""
     from pipeline.data.labels import get_spec
-    from pipeline.engine.checkpoint import build_from_checkpoint
+    from pipeline.engine.checkpoint import build_from_checkpoint, check_classes
     from pipeline.engine.evaluate import (
         InferenceOptions,
         expand_inputs,
@@ -189,12 +201,17 @@ def predict(
 
     if mode not in ("whole", "slide"):
         raise typer.BadParameter(f"--mode {mode!r}: valid: whole, slide")
+    from pipeline.params import check_inference
+
+    check_inference(crop, stride, scales or (1.0,), batch_size, "--")
     kinds = ("trainids", "labelids", "color", "overlay")
     if any(o not in kinds for o in output or ()):
         raise typer.BadParameter(f"--output {output}: valid: {', '.join(kinds)}")
     dev = resolve_device(device)
     paths = expand_inputs(inputs)
-    model, _ = build_from_checkpoint(checkpoint, dev, output_stride=output_stride)
+    model, ckpt = build_from_checkpoint(checkpoint, dev, output_stride=output_stride)
+    spec = get_spec(dataset)
+    check_classes(ckpt, spec, checkpoint)
     opts = InferenceOptions(mode, crop, stride, tuple(scales or (1.0,)), flip)
     with progress_bar("predict") as update:
         written = predict_files(
