@@ -113,21 +113,3 @@ def launch_train(
     """Check the topology, then run `seg train` under torchrun; returns torchrun's exit code."""
     check_topology(t, device)
     return run(torchrun_command(t, train_args(params, overrides, resume)))
-
-
-def launch_eval(
-    t: Topology,
-    checkpoint: Path | str,
-    shards: Path | str,
-    out: Path | str,
-    dataset: str = "cityscapes",
-    device: str = "auto",
-    batch_size: int = 1,
-) -> int:
-    """Evaluate a checkpoint with N processes (pipeline.engine.distributed's `eval` worker)."""
-    check_topology(t, device)
-    args = [
-        "eval", "--checkpoint", str(checkpoint), "--shards", str(shards), "--out", str(out),
-        "--dataset", dataset, "--device", device, "--batch-size", str(batch_size),
-    ]  # fmt: skip
-    return run(torchrun_command(t, args, module="pipeline.engine.distributed"))

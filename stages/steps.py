@@ -7,6 +7,7 @@ declared once there; dvc.yaml templates them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -186,7 +187,7 @@ def evaluate(
         "git": provenance.git_state(),
         "params_hash": params_hash(p),
         "train_params_hash": params_hash(ckpt["params"]) if ckpt.get("params") else None,
-        "eval_params": _asdict(e),
+        "eval_params": dataclasses.asdict(e),
         "data": provenance.data_hash(shards),
         "model_config": ckpt.get("model_config"),
         "checkpoint": {
@@ -248,7 +249,6 @@ def _resumable(last: Path, p: Params, strict: bool = False) -> bool:
     """Can `last` be continued with these params? With strict (`seg train --resume`), a no is an
     error saying why; otherwise (`--auto-resume`: dvc repro, the flows) the run starts afresh, so
     a changed lr or `dvc repro -f` really retrains, and the reason is logged."""
-    import dataclasses
 
     from pipeline.engine.checkpoint import load
     from pipeline.errors import CheckpointError
@@ -273,12 +273,6 @@ def _resumable(last: Path, p: Params, strict: bool = False) -> bool:
 
 def _workers(n: int) -> int:
     return n or os.cpu_count() or 1
-
-
-def _asdict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 def _write_json(path: Path, data) -> None:

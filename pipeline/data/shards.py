@@ -13,8 +13,8 @@ samples [i*n, (i+1)*n), and every tar header has fixed metadata (mtime 0, uid/gi
 user names, mode 0644). The split is written into a temporary sibling folder and renamed at
 the end, so a failure leaves no partial shards or manifest behind.
 
-Readers: `iter_samples` streams samples from tar URLs (local paths, `pipe:` commands, or any
-fsspec URL); `EvalReader` yields every sample exactly once in order (a disjoint slice per rank);
+Readers stream samples from tar URLs (local paths, `pipe:` commands, or any fsspec URL):
+`EvalReader` yields every sample exactly once in order (a disjoint slice per rank);
 `TrainStream` is the shuffled, seeded, node- and worker-split training stream.
 """
 
@@ -222,7 +222,7 @@ def write_shards(
                         raise DataError(result["error"])
                     log.warning("skipping %s: %s", result["key"], result["error"])
                     skipped.append((result["key"], result["error"]))
-                    rows.append(_skipped_row(result["key"], result["error"], adapter.spec))
+                    rows.append({"key": result["key"], "shard": None, "error": result["error"]})
                 else:
                     if n_written % samples_per_shard == 0:
                         if tar is not None:
@@ -272,10 +272,6 @@ def _pool(workers: int):
     if workers <= 1:
         return _SerialPool()
     return ProcessPoolExecutor(max_workers=workers)
-
-
-def _skipped_row(key: str, error: str, spec: DatasetSpec) -> dict:
-    return {"key": key, "shard": None, "error": error, "class_pixels": None}
 
 
 _MANIFEST_FIELDS = (
@@ -437,12 +433,6 @@ def decode_sample(
             decode_png_bytes(members["instance.png"], where).astype(np.int32)
         )
     return out
-
-
-def iter_samples(urls: Sequence[str]) -> Iterator[dict]:
-    for url in urls:
-        for key, members in iter_raw(url):
-            yield decode_sample(key, members, url)
 
 
 class EvalReader:
