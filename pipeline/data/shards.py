@@ -493,7 +493,10 @@ class TrainStream(torch.utils.data.IterableDataset):
     epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch-sized mode: start the next iteration at this epoch's shard order."""
+        """Epoch-sized mode: start the next iteration at this epoch's shard order. A resume
+        `skip` belongs to the epoch the stream was made for, not to later ones."""
+        if epoch != self.epoch:
+            self.skip = 0
         self.epoch = epoch
 
     def _raw_epochs(self, consumer: int, consumers: int) -> Iterator[tuple[str, str, dict]]:
