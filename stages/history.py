@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from pipeline.atomic import atomic_path
 from pipeline.errors import DataError
 
 
@@ -39,10 +39,8 @@ def append_run(path: Path | str, metrics: dict) -> dict:
     table = pa.Table.from_pylist([row])
     if path.exists():
         table = pa.concat_tables([pq.read_table(path), table], promote_options="default")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return row
 
 

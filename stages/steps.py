@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline.atomic import atomic_path, atomic_write
 from pipeline.errors import ConfigError, DataError
 from pipeline.params import Params, load_params, params_from_dict
 
@@ -277,10 +278,7 @@ def _workers(n: int) -> int:
 
 def _write_json(path: Path, data) -> None:
     """Write JSON to a temporary file, then rename: never a half-written metrics file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def _confusion_png(confusion, class_names, path: Path) -> None:
@@ -300,7 +298,6 @@ def _confusion_png(confusion, class_names, path: Path) -> None:
     ax.set_ylabel("ground truth")
     ax.set_title("confusion matrix (row-normalised)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)

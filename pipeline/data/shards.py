@@ -25,10 +25,7 @@ import io
 import json
 import logging
 import math
-import os
-import shutil
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch.utils.data
 
+from pipeline.atomic import atomic_dir
 from pipeline.data.labels import DatasetSpec
 from pipeline.data.pngio import decode_png_bytes, encode_png, read_png
 from pipeline.data.sources import Adapter, SourceSample, get_adapter
@@ -208,9 +206,7 @@ def write_shards(
     adapter = get_adapter(dataset)
     samples = adapter.samples(Path(root), split)  # sorted by key; DataError if empty
     total = len(samples)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         rows, skipped, n_written = [], [], 0
         tar: tarfile.TarFile | None = None
         shard_name = ""
@@ -246,12 +242,6 @@ def write_shards(
                 f"{root}: split {split!r} produced no valid samples ({len(skipped)} skipped)"
             )
         _write_manifest(tmp / MANIFEST, rows, adapter.spec, split, image_format)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_shards = math.ceil(n_written / samples_per_shard)
     size = sum(p.stat().st_size for p in out_dir.glob("shard-*.tar"))
     return ShardSummary(split, out_dir, n_written, n_shards, size, skipped)

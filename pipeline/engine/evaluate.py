@@ -201,11 +201,7 @@ def predict_files(
 
 
 def _write_png_atomic(array: np.ndarray, path: Path) -> Path:
-    import os
-
+    from pipeline.atomic import atomic_write
     from pipeline.data.pngio import encode_png
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_png(array, compress_level=3))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, encode_png(array, compress_level=3))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.atomic import atomic_copy
 from pipeline.data.labels import DatasetSpec
 from pipeline.data.shards import TrainStream, skip_for_resume
 from pipeline.data.transforms import TrainAugment, normalize, photometric_distortion
@@ -348,16 +349,12 @@ def train(
 def _tidy_snapshots(out_dir: Path, best: list[dict]) -> None:
     """Snapshots on disk = the run's best-k list: a new run drops an old run's, a resumed one
     drops those written after its last.pt (a timeline that was lost with the kill)."""
-    import shutil
-
     keep = {Path(b["path"]).name for b in best}
     for f in out_dir.glob("best-*.pt"):
         if f.name not in keep:
             f.unlink()
     if best:
-        tmp = out_dir / f".{BEST}.tmp"
-        shutil.copyfile(best[0]["path"], tmp)
-        tmp.replace(out_dir / BEST)
+        atomic_copy(best[0]["path"], out_dir / BEST)
     else:
         (out_dir / BEST).unlink(missing_ok=True)
 

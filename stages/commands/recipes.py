@@ -40,11 +40,11 @@ def recipe(
     ] = Path("params.yaml"),
 ) -> None:
     """Merge a named recipe (and a dataset root) into params.yaml; the old file is kept as params.yaml.bak."""
-    import os
     import shutil
 
     import yaml
 
+    from pipeline.atomic import atomic_write
     from pipeline.errors import ConfigError, DataError
     from pipeline.params import params_from_dict
     from stages.progress import console
@@ -61,9 +61,7 @@ def recipe(
     params_from_dict(new)  # validate before touching the file
     if params.is_file():
         shutil.copy2(params, params.with_name(params.name + ".bak"))
-    tmp = params.with_name(f".{params.name}.tmp")
-    tmp.write_text(yaml.safe_dump(new, sort_keys=False))
-    os.replace(tmp, params)
+    atomic_write(params, yaml.safe_dump(new, sort_keys=False))
     console.print(
         f"{params}: recipe {name!r} applied"
         + (f", data.root={root}" if root else "")
