@@ -118,7 +118,9 @@ class LogSink:
 @task(name="train-model", retries=0, **_NO_CACHE)  # hours of compute: resume, don't retry
 def train_model(p: Params, resume: bool, log_every: int) -> dict:
     return steps.train(
-        p, resume="auto" if resume else False, sink=LogSink(get_run_logger(), log_every)
+        p,
+        resume=steps.Resume.AUTO if resume else steps.Resume.NEW,
+        sink=LogSink(get_run_logger(), log_every),
     )
 
 
@@ -132,8 +134,9 @@ def train_model_torchrun(params: str, overrides: list[str] | None, resume: bool,
     from stages import launch
 
     p = steps.load(params, overrides)
-    mode = "auto" if resume else False
-    code = launch.launch_train(launch.Topology(gpus), params, overrides, mode, p.train.device)
+    mode = steps.Resume.AUTO if resume else steps.Resume.NEW
+    args = launch.train_args(params, overrides, mode)
+    code = launch.launch(launch.Topology(gpus), args, p.train.device)
     if code != 0:
         raise SegError(f"torchrun training with {gpus} processes exited with code {code}")
     return json.loads((steps.train_dir(p) / "summary.json").read_text())
