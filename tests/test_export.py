@@ -123,9 +123,15 @@ def test_metadata_travels_with_the_file(fmt, exported, checkpoint):
     if fmt == "onnx":
         import onnx
 
-        props = {p.key: p.value for p in onnx.load(str(exported[fmt])).metadata_props}
+        proto = onnx.load(str(exported[fmt]))
+        props = {p.key: p.value for p in proto.metadata_props}
         assert json.loads(props["deeplab_pipeline"]) == meta
-        assert onnx.load(str(exported[fmt])).opset_import[0].version >= 17
+        assert proto.opset_import[0].version >= 17
+        # batch, height and width are named (dynamic) dimensions, channels are 3
+        (image,) = proto.graph.input
+        dims = [d.dim_param or d.dim_value for d in image.type.tensor_type.shape.dim]
+        assert image.name == "image" and dims[1] == 3, dims
+        assert all(isinstance(dims[i], str) and dims[i] for i in (0, 2, 3)), dims
     else:
         with zipfile.ZipFile(exported[fmt]) as z:
             (name,) = [n for n in z.namelist() if n.endswith("/deeplab_pipeline.json")]
@@ -155,6 +161,18 @@ def test_predict_with_an_exported_model_writes_the_checkpoints_outputs(
         agreement = float((train_ids == ref).mean())
         print(f"{fmt}: trainIds agree with the checkpoint's on {100 * agreement:.4f} %")
         assert agreement >= 0.999, (fmt, agreement)
+    # sliding windows (clamped at the border) and flips go through the exported model too
+    tta = ["--mode", "slide", "--crop", "64", "128", "--stride", "48", "80", "--flip"]
+    for name, source in (("tta-ckpt", ["--checkpoint", str(checkpoint)]),
+                         ("tta-onnx", ["--model", str(exported["onnx"])])):  # fmt: skip
+        result = runner.invoke(app, ["predict", str(FRAME), *source, "--out", name, *tta])
+        assert result.exit_code == 0, result.output
+    stem_small = FRAME.name.replace("_leftImg8bit.png", "")
+    a, b = (
+        np.asarray(Image.open(tmp_path / name / f"{stem_small}_trainIds.png"))
+        for name in ("tta-ckpt", "tta-onnx")
+    )
+    assert a.shape == (128, 256) and (a == b).mean() >= 0.999
     # a VOC label table with a Cityscapes model: refused as with --checkpoint
     result = runner.invoke(
         app,
@@ -164,6 +182,7 @@ def test_predict_with_an_exported_model_writes_the_checkpoints_outputs(
     assert "model.onnx: the model predicts 19 classes, dataset voc has 21" in result.output
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the bug this test plants
 def test_a_shape_baked_in_at_export_fails_the_check_and_writes_nothing(
     checkpoint, tmp_path, monkeypatch
 ):
