@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages.commands import data, engine, models, pipeline, recipes, synth
+from stages.commands import data, engine, export, models, pipeline, recipes, synth
 
 app = typer.Typer(
     name="seg",
@@ -14,7 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (synth, data, models, engine, recipes, pipeline):
+for _module in (synth, data, models, engine, export, recipes, pipeline):
     _module.register(app)
 
 

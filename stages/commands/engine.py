@@ -200,8 +200,15 @@ def _print_metrics(console, metrics: dict) -> None:
 def predict(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     checkpoint: Annotated[
-        Path, typer.Option(help="Trained checkpoint (e.g. outputs/train/best.pt).")
-    ],
+        Path | None, typer.Option(help="Trained checkpoint (e.g. outputs/train/best.pt).")
+    ] = None,
+    model_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Instead of --checkpoint: a model from `seg export` (.onnx, .torchscript.pt, .pt2).",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
     dataset: Annotated[str, typer.Option(help="Label table for ids and colours.")] = "cityscapes",
     mode: Annotated[str, typer.Option(help="whole or slide.")] = "whole",
@@ -239,10 +246,21 @@ def predict(
     check_inference(crop, stride, scales or (1.0,), batch_size, "--")
     if any(o not in OUTPUTS for o in output or ()):
         raise typer.BadParameter(f"--output {output}: valid: {', '.join(OUTPUTS)}")
+    if (checkpoint is None) == (model_file is None):
+        raise typer.BadParameter("give --checkpoint or --model, one of them")
+    if model_file is not None and output_stride is not None:
+        raise typer.BadParameter("--output-stride: an exported model runs at its export stride")
     dev = resolve_device(device)
     paths = expand_inputs(inputs)
-    model, ckpt = build_from_checkpoint(checkpoint, "cpu", output_stride=output_stride)
-    model = prepare_for_inference(model, dev)
+    if model_file is not None:
+        from pipeline.engine.export import load_exported
+
+        model = load_exported(model_file, dev)  # runs like the model: model(x)["out"]
+        ckpt, checkpoint = model.metadata, model_file  # the metadata holds model_config
+        amp = "off"  # it runs in the precision it was exported in
+    else:
+        model, ckpt = build_from_checkpoint(checkpoint, "cpu", output_stride=output_stride)
+        model = prepare_for_inference(model, dev)
     spec = get_spec(dataset)
     check_classes(ckpt, spec, checkpoint)
     opts = InferenceOptions(
