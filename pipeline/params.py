@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 
 @dataclass
 class DataParams:
-    dataset: str = "cityscapes"  # cityscapes | voc | vkitti2
+    dataset: str = "cityscapes"  # cityscapes | voc | vkitti2 | camvid
     root: str = "data/synthetic"  # dataset root: synth.out (the demo) or e.g. /data/cityscapes
     train_split: str = "train"
     val_split: str = "val"
@@ -181,7 +181,7 @@ def _positive(where: str, value, strict: bool = True) -> None:
 
 
 def _check(p: Params) -> None:
-    _choice("data.dataset", p.data.dataset, ("cityscapes", "voc", "vkitti2"))
+    _choice("data.dataset", p.data.dataset, ("cityscapes", "voc", "vkitti2", "camvid"))
     for name in ("train", "val", "height", "width"):
         _positive(f"synth.{name}", getattr(p.synth, name), strict=name in ("height", "width"))
     _positive("preprocess.samples_per_shard", p.preprocess.samples_per_shard)

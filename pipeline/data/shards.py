@@ -141,6 +141,7 @@ def _convert(args: tuple[Adapter, SourceSample, str, str | None]) -> dict:
         return {"key": sample.key, "error": str(exc)}
     row = {
         "key": sample.key,
+        "group": sample.group,  # city / sequence / scene: what grouped k-fold keeps together
         "height": h,
         "width": w,
         "class_pixels": counts.tolist(),
@@ -276,6 +277,7 @@ def _pool(workers: int):
 
 _MANIFEST_FIELDS = (
     ("key", "string"),
+    ("group", "string"),
     ("shard", "string"),
     ("error", "string"),
     ("height", "int32"),

@@ -26,6 +26,16 @@ class SourceSample:
     instance: Path | None = None  # instanceIds PNG (Cityscapes: id*1000+n), for iIoU
     meta: dict = field(default_factory=dict)  # e.g. {"city": "frankfurt"}
 
+    @property
+    def group(self) -> str | None:
+        """What grouped k-fold keeps in one fold: the frame's city (Cityscapes), sequence
+        (CamVid) or scene (Virtual KITTI 2: every variation of a scene renders the same frames);
+        None where frames are independent photos (VOC)."""
+        return next((str(self.meta[k]) for k in GROUP_META if k in self.meta), None)
+
+
+GROUP_META = ("city", "sequence", "scene")  # meta keys naming a sample's group, by dataset
+
 
 class Adapter(Protocol):
     spec: DatasetSpec
@@ -85,6 +95,9 @@ class CityscapesAdapter:
         return self.spec.to_train_ids(ids, source=str(sample.label))
 
 
+DATASETS = ("cityscapes", "voc", "vkitti2", "camvid")
+
+
 def get_adapter(dataset: str) -> Adapter:
     """The adapter for a dataset name; unknown names list the valid ones."""
     match dataset:
@@ -98,4 +111,8 @@ def get_adapter(dataset: str) -> Adapter:
             from pipeline.data.vkitti import VKitti2Adapter
 
             return VKitti2Adapter()
-    raise ConfigError(f"unknown dataset {dataset!r}; valid: cityscapes, voc, vkitti2")
+        case "camvid":
+            from pipeline.data.camvid import CamVidAdapter
+
+            return CamVidAdapter()
+    raise ConfigError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
