@@ -364,6 +364,21 @@ def shard_urls(source: Path | str | Sequence[str]) -> list[str]:
     raise DataError(f"{source}: no such shard folder or file")
 
 
+@dataclass(frozen=True)
+class Subset:
+    """Some samples of a shard source, by key (a k-fold's train or val part). The readers take
+    it wherever they take a shard folder and skip other samples before reading their bytes."""
+
+    source: Path | str | Sequence[str]
+    keys: frozenset[str]
+
+
+def _source(source) -> tuple[list[str], frozenset[str] | None]:
+    if isinstance(source, Subset):
+        return shard_urls(source.source), source.keys
+    return shard_urls(source), None
+
+
 def _open_url(url: str):
     """Local path, `pipe:cmd`, webdataset's schemes, or any fsspec URL (s3://, gs://, ...)."""
     from webdataset.gopen import gopen, gopen_schemes
@@ -376,8 +391,10 @@ def _open_url(url: str):
     return fsspec.open(url, "rb").open()
 
 
-def iter_raw(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) groups from one tar, in stored order."""
+def iter_raw(
+    url: str, keys: frozenset[str] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) groups from one tar, in stored order; only `keys` if given."""
     try:
         stream = _open_url(url)
     except (OSError, ValueError) as exc:
@@ -389,6 +406,8 @@ def iter_raw(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if not info.isfile():
                     continue
                 k, _, ext = info.name.partition(".")
+                if keys is not None and k not in keys:
+                    continue
                 if k != key and group:
                     yield key, group
                     group = {}
@@ -444,13 +463,13 @@ class EvalReader:
     r, r + world, ... : disjoint, no padded duplicates (the union is the whole split)."""
 
     def __init__(self, source, rank: int = 0, world_size: int = 1) -> None:
-        self.urls = shard_urls(source)
+        self.urls, self.keys = _source(source)
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[dict]:
         i = 0
         for url in self.urls:
-            for key, members in iter_raw(url):
+            for key, members in iter_raw(url, self.keys):
                 if i % self.world_size == self.rank:
                     yield decode_sample(key, members, url)
                 i += 1
@@ -487,7 +506,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         samples_per_epoch: int | None = None,
         skip: Sequence[int] | int = 0,
     ) -> None:
-        self.urls = shard_urls(source)
+        self.urls, self.keys = _source(source)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.transform = transform
@@ -511,12 +530,12 @@ class TrainStream(torch.utils.data.IterableDataset):
             if len(urls) >= consumers:
                 mine = urls[consumer::consumers]
                 for url in mine:
-                    for key, members in iter_raw(url):
+                    for key, members in iter_raw(url, self.keys):
                         yield url, key, members
             else:
                 i = 0
                 for url in urls:
-                    for key, members in iter_raw(url):
+                    for key, members in iter_raw(url, self.keys):
                         if i % consumers == consumer:
                             yield url, key, members
                         i += 1
