@@ -245,3 +245,26 @@ def test_real_camvid_train_and_val():
         assert ids.shape == (360, 480)
         assert set(np.unique(ids).tolist()) <= set(range(11)) | {255}
         assert Image.open(io.BytesIO(s.image.read_bytes())).size == (480, 360)
+
+
+def test_recipe_writes_camvid_params(camvid_root, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params()))
+    result = CliRunner().invoke(app, ["recipe", "camvid", "--root", str(camvid_root), "-p", str(params)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from pipeline.params import load_params
+
+    p = load_params(params).to_dict()
+    assert (p["data"]["dataset"], p["data"]["root"]) == ("camvid", str(camvid_root))
+    assert p["train"]["model"]["pretrained_backbone"] is None  # from scratch
+
+    def leaves(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "loss" else [(prefix + k, v)]  # fmt: skip
+
+    recipe = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "recipes/camvid.yaml").read_text()
+    )
+    flat = dict(leaves(p))
+    assert all(flat[k] == v for k, v in leaves(recipe)), "every recipe key lands in params.yaml"
+    assert (tmp_path / "params.yaml.bak").is_file()
