@@ -27,12 +27,14 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class DataParams:
-    dataset: str = "cityscapes"  # cityscapes | voc | vkitti2
+    dataset: str = "cityscapes"  # cityscapes | voc | vkitti2 | camvid
     root: str = "data/synthetic"  # dataset root: synth.out (the demo) or e.g. /data/cityscapes
     train_split: str = "train"
     val_split: str = "val"
     shards: str = "data/shards"  # shards go to {shards}/{split}
     outputs: str = "outputs"  # checkpoints in {outputs}/train, metrics in {outputs}/eval
+    folds: int = 0  # grouped k-fold over train_split: 0 = off, K >= 2 (outputs in {outputs}/kfold)
+    fold_ids: list[int] = field(default_factory=list)  # [0, ..., K-1]: dvc.yaml's foreach list
 
 
 @dataclass
@@ -200,6 +202,7 @@ def _positive(where: str, value, strict: bool = True) -> None:
 
 def _check(p: Params) -> None:
     _choice("data.dataset", p.data.dataset, DATASETS)
+    _check_folds(p.data)
     for name in ("train", "val", "height", "width"):
         _positive(f"synth.{name}", getattr(p.synth, name), strict=name in ("height", "width"))
     _positive("preprocess.samples_per_shard", p.preprocess.samples_per_shard)
@@ -261,6 +264,17 @@ def _check(p: Params) -> None:
     _choice("evaluate.amp", e.amp, AMP_MODES)
     _positive("evaluate.workers", e.workers, strict=False)
     check_inference(e.crop_size, e.stride, e.scales, e.batch_size, "evaluate.")
+
+
+def _check_folds(d: DataParams) -> None:
+    if d.folds < 0 or d.folds == 1:
+        raise ConfigError(f"data.folds: 0 (k-fold off) or a number of folds K >= 2, got {d.folds}")
+    # DVC templating cannot count to K, so dvc.yaml's foreach runs over this list instead
+    if d.fold_ids != list(range(d.folds)):
+        raise ConfigError(
+            f"data.fold_ids: must be {list(range(d.folds))} for data.folds: {d.folds} "
+            f"(one kfold_train/kfold_eval stage per id in dvc.yaml), got {d.fold_ids}"
+        )
 
 
 def check_inference(crop, stride, scales, batch_size: int, prefix: str = "--") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages.commands import data, engine, export, models, pipeline, recipes, synth
+from stages.commands import data, engine, export, kfold, models, pipeline, recipes, synth
 
 app = typer.Typer(
     name="seg",
@@ -14,13 +14,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (synth, data, models, engine, export, recipes, pipeline):
+for _module in (synth, data, models, engine, export, kfold, recipes, pipeline):
     _module.register(app)
 
 
 @app.callback()
 def _root() -> None:
-    """DeepLabV3/V3+ semantic segmentation pipeline (Cityscapes, PASCAL VOC, Virtual KITTI)."""
+    """DeepLabV3/V3+ semantic segmentation pipeline (Cityscapes, CamVid, PASCAL VOC, Virtual KITTI)."""
 
 
 if __name__ == "__main__":

@@ -63,6 +63,23 @@ def runs_file(p: Params) -> Path:
     return Path(p.data.outputs) / "runs.parquet"
 
 
+def kfold_dir(p: Params) -> Path:
+    return Path(p.data.outputs) / "kfold"
+
+
+def folds_file(p: Params) -> Path:
+    return kfold_dir(p) / "folds.json"
+
+
+def fold_dir(p: Params, fold: int) -> Path:
+    return kfold_dir(p) / f"fold-{fold}"
+
+
+def kfold_summary_file(p: Params) -> Path:
+    # outside kfold/: the summary stage depends on that whole folder
+    return Path(p.data.outputs) / "kfold_summary.json"
+
+
 def check_inputs(p: Params) -> None:
     """Fail before any work when the dataset root is missing (real data only)."""
     if not Path(p.data.root).is_dir():
@@ -157,17 +174,31 @@ class _Log:
             self.live.end()
 
 
-def train(p: Params, resume: Resume = Resume.NEW, sink=None, stop_after: int | None = None) -> dict:
+def train(
+    p: Params,
+    resume: Resume = Resume.NEW,
+    sink=None,
+    stop_after: int | None = None,
+    fold: int | None = None,
+) -> dict:
     """Train on the train shards, validating on the val shards; rank 0 writes checkpoints,
-    the training log and summary.json."""
+    the training log and summary.json. `fold` k: train on the training split outside fold k,
+    validate on fold k, into {outputs}/kfold/fold-k/train."""
     from pipeline.data.labels import get_spec
     from pipeline.data.shards import class_pixel_counts
     from pipeline.engine.distributed import rank_world
     from pipeline.engine.train import Callbacks, train
 
     out = train_dir(p)
+    train_src, val_src = shard_dir(p, p.data.train_split), shard_dir(p, p.data.val_split)
     _check_dataset(shard_dir(p, p.data.train_split), p.data.dataset)
     resume = Resume(resume)
+    if fold is None:
+        counts = class_pixel_counts(train_src)
+    else:
+        strict = resume is Resume.CONTINUE
+        out, train_src, val_src, counts, same_folds = _fold_training(p, fold, strict)
+        resume = resume if same_folds else Resume.NEW
     cont = resume is not Resume.NEW and _resumable(
         out / "last.pt", p, strict=resume is Resume.CONTINUE
     )
@@ -175,8 +206,7 @@ def train(p: Params, resume: Resume = Resume.NEW, sink=None, stop_after: int | N
     logger = _Log(out, cont, sink) if main else None
     try:
         result = train(
-            p.train, shard_dir(p, p.data.train_split), shard_dir(p, p.data.val_split), out,
-            get_spec(p.data.dataset), class_counts=class_pixel_counts(shard_dir(p, p.data.train_split)),
+            p.train, train_src, val_src, out, get_spec(p.data.dataset), class_counts=counts,
             resume=cont, callbacks=logger or Callbacks(), stop_after=stop_after,
         )  # fmt: skip
     finally:
@@ -194,12 +224,15 @@ def evaluate(
     shards: Path | str | None = None,
     out: Path | str | None = None,
     progress=None,
+    fold: int | None = None,
 ) -> dict:
     """Score a checkpoint on the val shards; write metrics.json (+ per-class plot data, the
     confusion matrix as JSON and PNG) stamped with provenance; append to the run history.
 
     Under torchrun (`seg eval --gpus N`) every rank scores a slice, the confusion matrices are
-    summed, and rank 0 writes the same files as a single process."""
+    summed, and rank 0 writes the same files as a single process. `fold` k: score fold k's
+    final weights (kfold/fold-k/train/last.pt: picking a best.pt by its score on fold k would
+    bias the estimate) on fold k, into kfold/fold-k/eval; not added to the run history."""
     from pipeline import provenance
     from pipeline.data.labels import get_spec
     from pipeline.engine.checkpoint import build_from_checkpoint, check_classes, sha256_file
@@ -209,8 +242,12 @@ def evaluate(
     from pipeline.params import params_hash
 
     e = p.evaluate
+    source, fold_info = None, None
+    if fold is not None:
+        checkpoint, shards, source, out, fold_info = _fold_evaluation(p, fold, checkpoint, out)
     checkpoint = Path(checkpoint or train_dir(p) / "best.pt")
     shards = Path(shards or shard_dir(p, p.data.val_split))
+    source = source or shards
     out = Path(out or eval_dir(p))
     rank, world = rank_world()
     device = local_device(e.device)
@@ -224,7 +261,7 @@ def evaluate(
         e.mode, tuple(e.crop_size), tuple(e.stride), tuple(e.scales), e.flip, amp
     )
     metrics, acc = evaluate(
-        model, shards, spec, device, opts, batch_size=e.batch_size, workers=e.workers,
+        model, source, spec, device, opts, batch_size=e.batch_size, workers=e.workers,
         rank=rank, world_size=world, progress=progress,
     )  # fmt: skip
     metrics["provenance"] = {
@@ -243,6 +280,8 @@ def evaluate(
         "hardware": provenance.hardware(),
         "world_size": world,
     }
+    if fold_info is not None:
+        metrics["provenance"]["fold"] = fold_info
     if rank != 0:
         return metrics
     _write_json(out / "metrics.json", metrics)
@@ -255,9 +294,10 @@ def evaluate(
         {"classes": list(spec.class_names), "matrix": acc.confusion.tolist()},
     )
     confusion_png(acc.confusion.cpu().numpy(), spec.class_names, out / "confusion.png")
-    from stages.history import append_run
+    if fold is None:
+        from stages.history import append_run
 
-    append_run(runs_file(p), metrics)
+        append_run(runs_file(p), metrics)
     return metrics
 
 
@@ -272,6 +312,95 @@ def score_predictions(
     if out is not None:
         _write_json(Path(out) / "metrics.json", metrics)
     return metrics
+
+
+# ----------------------------------------------------------------------------- k-fold
+
+
+def kfold_split(p: Params) -> dict:
+    """Assign the training split's groups to data.folds folds; write kfold/folds.json (with
+    data.folds: 0, a file with no folds, so the DVC graph stays whole)."""
+    from pipeline.data.folds import make_folds
+
+    shards = shard_dir(p, p.data.train_split)
+    _check_dataset(shards, p.data.dataset)
+    doc = make_folds(shards, p.data.folds)
+    _write_json(folds_file(p), doc)
+    return doc
+
+
+def kfold_summarize(p: Params) -> dict:
+    """Mean and std over the folds' kfold/fold-k/eval/metrics.json -> kfold_summary.json."""
+    from pipeline.data.folds import summarize
+
+    per_fold = []
+    for k in range(p.data.folds):
+        path = fold_dir(p, k) / "eval" / "metrics.json"
+        if not path.is_file():
+            raise DataError(f"{path}: fold {k} has no metrics yet (run `seg kfold eval {k}`)")
+        per_fold.append(json.loads(path.read_text()))
+    summary = summarize(per_fold)
+    summary["dataset"], summary["split"] = p.data.dataset, p.data.train_split
+    _write_json(kfold_summary_file(p), summary)
+    return summary
+
+
+def _fold_parts(p: Params, fold: int):
+    """(train Subset, val Subset, folds document) of a fold, checked against params and shards."""
+    from pipeline.data.folds import fold_keys, load_folds
+    from pipeline.data.readers import Subset
+
+    shards = shard_dir(p, p.data.train_split)
+    doc = load_folds(folds_file(p), shards)
+    if doc["k"] != p.data.folds:
+        raise DataError(
+            f"{folds_file(p)}: has {doc['k']} folds but data.folds is {p.data.folds}; "
+            "run `seg kfold split` again"
+        )
+    train_keys, val_keys = fold_keys(doc, fold)
+    return Subset(shards, train_keys), Subset(shards, val_keys), doc
+
+
+def _fold_training(p: Params, fold: int, strict: bool):
+    """(out dir, train source, val source, class pixel counts, same folds as last.pt) of fold
+    k's training. A stamp of the fold's keys next to last.pt stops a resume onto other folds
+    (data.folds changed while a run was unfinished)."""
+    import hashlib
+
+    from pipeline.data.folds import class_pixel_counts
+    from pipeline.errors import CheckpointError
+
+    train_src, val_src, _ = _fold_parts(p, fold)
+    out = fold_dir(p, fold) / "train"
+    keys = "\n".join(sorted(val_src.keys)).encode()
+    stamp = {"fold": fold, "val_keys_sha256": hashlib.sha256(keys).hexdigest()}
+    stamp_file = out / "fold.json"
+    same = not stamp_file.is_file() or json.loads(stamp_file.read_text()) == stamp
+    if not same and strict:
+        raise CheckpointError(f"{out / 'last.pt'}: cannot resume: it trained on other folds")
+    if not same:
+        log.warning("%s: trained on other folds; starting a new run", out / "last.pt")
+    _write_json(stamp_file, stamp)
+    counts = class_pixel_counts(train_src.source, train_src.keys)
+    return out, train_src, val_src, counts, same
+
+
+def _fold_evaluation(p: Params, fold: int, checkpoint, out):
+    """(checkpoint, shard folder, fold k's Subset, out dir, provenance) of fold k's evaluation."""
+    import hashlib
+
+    _, val_src, doc = _fold_parts(p, fold)
+    f = doc["folds"][fold]
+    info = {
+        "fold": fold,
+        "k": doc["k"],
+        "groups": f["groups"],
+        "samples": f["samples"],
+        "folds_sha256": hashlib.sha256(folds_file(p).read_bytes()).hexdigest(),
+    }
+    checkpoint = checkpoint or fold_dir(p, fold) / "train" / "last.pt"
+    out = out or fold_dir(p, fold) / "eval"
+    return checkpoint, Path(val_src.source), val_src, out, info
 
 
 # ----------------------------------------------------------------------------- helpers

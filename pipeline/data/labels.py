@@ -222,7 +222,35 @@ def vkitti2_spec(
     )
 
 
-_SPECS = {"cityscapes": _cityscapes, "voc": _voc, "vkitti2": vkitti2_spec}
+# CamVid in the 11-class split of SegNet (Badrinarayanan et al. 2017), the split every later
+# paper reports: label PNG value = class id, 11 = "Unlabelled" (void). Colours are the SegNet
+# tutorial's (Scripts/test_segmentation_camvid.py, `label_colours`), where Road_marking is
+# already merged into Road.
+CAMVID_CLASSES = (
+    ("Sky", (128, 128, 128)), ("Building", (128, 0, 0)), ("Pole", (192, 192, 128)),
+    ("Road", (128, 64, 128)), ("Pavement", (60, 40, 222)), ("Tree", (128, 128, 0)),
+    ("SignSymbol", (192, 128, 128)), ("Fence", (64, 64, 128)), ("Car", (64, 0, 128)),
+    ("Pedestrian", (64, 64, 0)), ("Bicyclist", (0, 128, 192)),
+)  # fmt: skip
+CAMVID_VOID = 11
+
+
+def _camvid() -> DatasetSpec:
+    n = len(CAMVID_CLASSES)
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[:n] = np.arange(n)
+    valid = np.zeros(256, dtype=bool)
+    valid[: CAMVID_VOID + 1] = True  # 0..10 classes, 11 void; anything else is not CamVid
+    return DatasetSpec(
+        name="camvid",
+        class_names=tuple(c[0] for c in CAMVID_CLASSES),
+        palette=tuple(c[1] for c in CAMVID_CLASSES),
+        label_to_train=lut,
+        valid_label_ids=valid,
+    )
+
+
+_SPECS = {"cityscapes": _cityscapes, "voc": _voc, "vkitti2": vkitti2_spec, "camvid": _camvid}
 DATASETS = tuple(_SPECS)  # the valid `data.dataset` names
 _CACHE: dict[str, DatasetSpec] = {}
 

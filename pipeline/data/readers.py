@@ -39,8 +39,25 @@ from pipeline.errors import DataError
 _MEMBERS = ("image", "label", "instance", "json")
 
 
+@dataclass(frozen=True)
+class Subset:
+    """Some samples of a shard source, by key (a k-fold's train or val part). The readers take
+    it wherever they take a shard folder and skip other samples before reading their bytes."""
+
+    source: Path | str | Sequence[str]
+    keys: frozenset[str]
+
+
+def _split_source(source) -> tuple[Path | str | Sequence[str], frozenset[str] | None]:
+    """(the shard folder or URLs, the keys to keep or None for all)."""
+    if isinstance(source, Subset):
+        return source.source, source.keys
+    return source, None
+
+
 def shard_urls(source: Path | str | Sequence[str]) -> list[str]:
     """A shard folder -> its sorted tar paths; a list of URLs is returned as is."""
+    source = _split_source(source)[0]
     if isinstance(source, (list, tuple)):
         return [str(u) for u in source]
     path = Path(source)
@@ -119,6 +136,8 @@ def decode_sample(
     where = f"{source}:{key}"
     if "image.png" in members:
         image = decode_png_bytes(members["image.png"], where)
+    elif "image.jpg" in members:  # a JPEG source's own bytes (CamVid, VOC)
+        image = decode_png_bytes(members["image.jpg"], where)  # PIL decodes JPEG too
     elif "image.npy" in members:
         image = np.load(io.BytesIO(members["image.npy"]), allow_pickle=False)
     else:
@@ -171,11 +190,13 @@ class _Expected:
     sha256: dict[str, str]  # member prefix ("image", "label", ...) -> hex digest
 
 
-def _expected_samples(shard_dir: Path) -> dict[str, _Expected]:
+def _expected_samples(shard_dir: Path, keys: frozenset[str] | None) -> dict[str, _Expected]:
     table = read_manifest(shard_dir).to_pylist()
     out: dict[str, _Expected] = {}
     for row in table:
         if row.get("shard") is None:  # skipped at preprocess time (`--skip-bad`)
+            continue
+        if keys is not None and row["key"] not in keys:
             continue
         sha = {m: row[f"{m}_sha256"] for m in _MEMBERS if row.get(f"{m}_sha256")}
         out[row["key"]] = _Expected(len(out), row["shard"], sha)
@@ -216,19 +237,21 @@ class EvalReader(torch.utils.data.IterableDataset):
     sample arrives with all its members and their sha256 (computed in the decode workers), and
     nothing unexpected is in the shards. A damaged shard stops the evaluation with a DataError
     naming the shard and the key, where tar itself would end early or yield garbage silently.
-    A list of URLs (pipe:, fsspec) has no manifest and is read unchecked.
+    A list of URLs (pipe:, fsspec) has no manifest and is read unchecked. A `Subset` is the
+    split restricted to its keys (numbered in shard order among themselves).
     """
 
     def __init__(
         self, source, rank: int = 0, world_size: int = 1, verify: bool = True, instance=True
     ) -> None:
         self.urls = shard_urls(source)
+        source, self.keys = _split_source(source)
         self.rank, self.world_size = rank, world_size
         self.instance = instance
         folder = Path(source) if not isinstance(source, (list, tuple)) else None
         self.expected: dict[str, _Expected] | None = None
         if verify and folder is not None and folder.is_dir() and (folder / MANIFEST).is_file():
-            self.expected = _expected_samples(folder)
+            self.expected = _expected_samples(folder, self.keys)
             self.folder = folder
 
     def num_samples(self) -> int:
@@ -236,7 +259,8 @@ class EvalReader(torch.utils.data.IterableDataset):
         if self.expected is not None:
             n = len(self.expected)
         else:
-            n = sum(1 for url in self.urls for _ in iter_raw(url, wanted=lambda _k: False))
+            keys = (k for url in self.urls for k, _ in iter_raw(url, wanted=lambda _k: False))
+            n = sum(1 for k in keys if self.keys is None or k in self.keys)
         return len(range(self.rank, n, self.world_size))
 
     def __iter__(self) -> Iterator[dict]:
@@ -254,9 +278,11 @@ class EvalReader(torch.utils.data.IterableDataset):
         yield from self._iter_checked({k: e for k, e in self.expected.items() if mine(e.index)})
 
     def _all(self) -> Iterator[tuple[str, str, dict]]:
+        wanted = None if self.keys is None else self.keys.__contains__
         for url in self.urls:
-            for key, members in iter_raw(url):
-                yield url, key, members
+            for key, members in iter_raw(url, wanted):
+                if wanted is None or wanted(key):
+                    yield url, key, members
 
     def _iter_checked(self, mine: dict[str, _Expected]) -> Iterator[dict]:
         assert self.expected is not None
@@ -266,7 +292,7 @@ class EvalReader(torch.utils.data.IterableDataset):
             if Path(url).name not in shards:
                 continue
             for key, members in iter_raw(url, wanted=mine.__contains__):
-                if key not in self.expected:
+                if key not in self.expected and (self.keys is None or key in self.keys):
                     raise DataError(
                         f"{url}: {key}: a sample the manifest does not list (damaged shard, or "
                         f"shards and {MANIFEST} from different runs of `seg preprocess`)"
@@ -353,9 +379,18 @@ class TrainStream(torch.utils.data.IterableDataset):
         skip: Sequence[int] | int = 0,
     ) -> None:
         self.urls = shard_urls(source)
+        self.keys = _split_source(source)[1]  # a Subset's keys: the others are never read
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.skip = skip
+
+    def _read(self, url: str) -> Iterator[tuple[str, dict]]:
+        if self.keys is None:
+            yield from iter_raw(url)
+            return
+        for key, members in iter_raw(url, self.keys.__contains__):
+            if key in self.keys:
+                yield key, members
 
     def _raw_passes(self, consumer: int, consumers: int) -> Iterator[tuple[str, str, dict]]:
         epoch = 0
@@ -364,12 +399,12 @@ class TrainStream(torch.utils.data.IterableDataset):
             urls = [self.urls[i] for i in order]
             if len(urls) >= consumers:
                 for url in urls[consumer::consumers]:
-                    for key, members in iter_raw(url):
+                    for key, members in self._read(url):
                         yield url, key, members
             else:
                 i = 0
                 for url in urls:
-                    for key, members in iter_raw(url):
+                    for key, members in self._read(url):
                         if i % consumers == consumer:
                             yield url, key, members
                         i += 1

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.data.labels import DatasetSpec, get_spec
+from pipeline.data.labels import DATASETS, DatasetSpec, get_spec
 from pipeline.data.pngio import read_png
 from pipeline.errors import ConfigError, DataError
 
@@ -25,6 +25,16 @@ class SourceSample:
     label: Path | None  # None for splits without labels (Cityscapes test)
     instance: Path | None = None  # instanceIds PNG (Cityscapes: id*1000+n), for iIoU
     meta: dict = field(default_factory=dict)  # e.g. {"city": "frankfurt"}
+
+    @property
+    def group(self) -> str | None:
+        """What grouped k-fold keeps in one fold: the frame's city (Cityscapes), sequence
+        (CamVid) or scene (Virtual KITTI 2: every variation of a scene renders the same frames);
+        None where frames are independent photos (VOC)."""
+        return next((str(self.meta[k]) for k in GROUP_META if k in self.meta), None)
+
+
+GROUP_META = ("city", "sequence", "scene")  # meta keys naming a sample's group, by dataset
 
 
 class Adapter(Protocol):
@@ -98,4 +108,8 @@ def get_adapter(dataset: str) -> Adapter:
             from pipeline.data.vkitti import VKitti2Adapter
 
             return VKitti2Adapter()
-    raise ConfigError(f"unknown dataset {dataset!r}; valid: cityscapes, voc, vkitti2")
+        case "camvid":
+            from pipeline.data.camvid import CamVidAdapter
+
+            return CamVidAdapter()
+    raise ConfigError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")

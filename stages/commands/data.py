@@ -29,7 +29,7 @@ def preprocess(
         typer.Argument(help="Output folder for shard-*.tar and manifest.parquet (must not exist)."),
     ],
     dataset: Annotated[
-        str, typer.Option(help="Dataset layout: cityscapes, voc or vkitti2.")
+        str, typer.Option(help="Dataset layout: cityscapes, voc, vkitti2 or camvid.")
     ] = "cityscapes",
     samples_per_shard: Annotated[int, typer.Option(help="Samples per tar shard.")] = 100,
     image_format: Annotated[

@@ -31,7 +31,7 @@ def merge(base: dict, update: dict) -> dict:
 
 @cli_errors
 def recipe(
-    name: Annotated[str, typer.Argument(help="Recipe in recipes/ (e.g. cityscapes).")],
+    name: Annotated[str, typer.Argument(help="Recipe in recipes/: cityscapes or camvid.")],
     root: Annotated[
         Path | None, typer.Option(help="Dataset root to train on (sets data.root).")
     ] = None,
