@@ -165,7 +165,7 @@ def dvc_env() -> dict[str, str]:
     return env
 
 
-def stage_changes(root: Path, stage: str) -> dict:
+def stage_changes(root: Path, stage: str) -> list:
     """What makes `stage` stale, from `dvc status STAGE --json` ({} when up to date)."""
     proc = subprocess.run(
         dvc_command("status", "--json", stage), cwd=root, env=dvc_env(),
@@ -177,7 +177,8 @@ def stage_changes(root: Path, stage: str) -> dict:
 
 
 def describe_changes(changes) -> str:
-    """dvc status's JSON for one stage -> `params.yaml: train modified; deps: pipeline/x.py`."""
+    """dvc status's JSON for one stage, in a line: `changed deps: params.yaml: train modified,
+    pipeline/engine/train.py modified`."""
     parts = []
     for item in changes:
         if isinstance(item, str):  # "changed command", "always changed"
