@@ -184,13 +184,3 @@ def test_resume_two_processes_on_one(proj: Path, tmp_path: Path):
     # the first two steps are the 2-process run's (a fresh 1-process run would log other losses)
     assert last["history"][:2] == first["history"]
     assert [h["step"] for h in last["history"]] == [1, 2, 3, 4]
-
-
-def test_train_flow_launches_torchrun(tmp_path, monkeypatch):
-    """The Prefect flow orchestrates; two gloo processes under torchrun do the training."""
-    from stages import flows
-
-    proj = make_project(tmp_path / "flowproj", **{"train.device": "cpu", "train.batch_size": 4})
-    monkeypatch.chdir(proj)
-    summary = flows.train_flow("params.yaml", [], resume=False, gpus=2)
-    assert summary["step"] == 4 and (proj / "outputs/train/best.pt").is_file()
