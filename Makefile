@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint install
 
-$(BIN)/seg: pyproject.toml
+$(BIN)/seg: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[orchestration,dev]' -c constraints.txt
 	touch $(BIN)/seg
 
 install: $(BIN)/seg

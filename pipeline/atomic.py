@@ -80,6 +80,12 @@ def atomic_copy(src: Path | str, path: Path | str) -> Path:
     return Path(path)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on a clean exit it replaces `path` (an old
@@ -88,6 +94,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the folder keeps the usual mode
     try:
         yield tmp
         old = None

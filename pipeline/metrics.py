@@ -203,11 +203,6 @@ class SegMetrics:
                 )
             t.copy_(state[name])
 
-    def merge(self, other: SegMetrics) -> None:
-        """Add another evaluation's counts to this one (same classes)."""
-        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
-            mine += theirs.to(mine.device)
-
     def reset(self) -> None:
         for t in self.tensors():
             t.zero_()
@@ -336,17 +331,13 @@ class SegMetrics:
         }
 
         if self.class_categories is not None:
-            cat_iou = {}
-            for k, name in enumerate(self._category_names):
-                m = self._cat_of[:-1].cpu() == k
-                cat_tp = conf[m][:, m].sum()
-                cat_fn = gt_pixels[m].sum() - cat_tp
+
+            def category_iou(m: torch.Tensor) -> float:
+                cat_tp = conf[m][:, m].sum()  # a class of the category predicted as one
                 cat_fp = conf[~m][:, m].sum()
-                cat_iou[name] = _scalar_ratio(cat_tp, cat_tp + cat_fp + cat_fn)
-            out["miou_category"] = _nanmean(
-                torch.tensor(list(cat_iou.values()), dtype=torch.float64)
-            )
-            out["category_iou"] = {k: _none_if_nan(v) for k, v in cat_iou.items()}
+                return _scalar_ratio(cat_tp, gt_pixels[m].sum() + cat_fp)  # tp + fn + fp
+
+            out["miou_category"], out["category_iou"] = self._per_category(category_iou)
 
         if int(self.counts[1]) > 0 and self._instance_lut is not None:
             stats = self.instance_stats.cpu()
@@ -359,21 +350,25 @@ class SegMetrics:
                 if h
             }
             if self.class_categories is not None:
-                cat_iiou = {}
-                for k, name in enumerate(self._category_names):
-                    m = self._cat_of[:-1].cpu() == k
-                    if not bool(has[m].all()):  # official: only categories made of instance classes
-                        continue
-                    cat_tp = stats[_CAT_TP_W][m].sum()
-                    cat_fn = stats[_CAT_FN_W][m].sum()
-                    cat_fp = conf[~m][:, m].sum()
-                    cat_iiou[name] = _scalar_ratio(cat_tp, cat_tp + cat_fp + cat_fn)
-                out["iiou_category"] = _nanmean(
-                    torch.tensor(list(cat_iiou.values()), dtype=torch.float64)
-                )
-                out["category_iiou"] = {k: _none_if_nan(v) for k, v in cat_iiou.items()}
+
+                def category_iiou(m: torch.Tensor) -> float | None:
+                    if not bool(has[m].all()):  # official: only categories of instance classes
+                        return None
+                    cat_tp, cat_fn = stats[_CAT_TP_W][m].sum(), stats[_CAT_FN_W][m].sum()
+                    return _scalar_ratio(cat_tp, cat_tp + cat_fn + conf[~m][:, m].sum())
+
+                out["iiou_category"], out["category_iiou"] = self._per_category(category_iiou)
 
         return {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in out.items()}
+
+    def _per_category(self, score) -> tuple[float, dict[str, float | None]]:
+        """(mean, {category: score}) of `score(mask of the category's classes)` over the
+        categories it scores (None: left out); undefined scores are null and not averaged."""
+        cats = self._cat_of[:-1].cpu()
+        scores = {name: score(cats == k) for k, name in enumerate(self._category_names)}
+        scores = {name: s for name, s in scores.items() if s is not None}
+        mean = _nanmean(torch.tensor(list(scores.values()), dtype=torch.float64))
+        return mean, {name: _none_if_nan(s) for name, s in scores.items()}
 
     def _per_class(self, values: torch.Tensor) -> dict[str, float | None]:
         return {n: _none_if_nan(float(v)) for n, v in zip(self.class_names, values, strict=True)}

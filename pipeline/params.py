@@ -10,12 +10,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.data.labels import DATASETS
+from pipeline.data.shards import IMAGE_FORMATS
 from pipeline.errors import ConfigError
+from pipeline.models.catalog import ARCHS, OUTPUT_STRIDES
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -52,8 +59,9 @@ class ModelParams:
     output_stride: int = 16
     pretrained_backbone: str | None = None  # None | "imagenet" | path to a weights file
     aux_head: bool = False
-    separable: bool = False
-    multi_grid: list[int] = field(default_factory=lambda: [1, 2, 4])  # DeepLabV3 paper, Sec. 4.1
+    separable_head: bool = False  # depthwise-separable 3x3 convs in ASPP and decoder (paper's SC)
+    # unit rates of ResNet's layer4 (DeepLabV3 paper, Sec. 3.2, 4.1); other backbones have none
+    resnet_multi_grid: list[int] = field(default_factory=lambda: [1, 2, 4])
 
 
 @dataclass
@@ -83,13 +91,14 @@ class TrainParams:
     aux_weight: float = 0.4  # mmseg auxiliary FCN head weight
     amp: str = "auto"  # auto | bf16 | fp16 | off   (auto: bf16 where the GPU has it, else fp16; off on CPU)
     channels_last: bool = True  # GPU only: on CPU it is slower
-    compile: bool = False
+    compile: bool | str = "auto"  # auto: torch.compile the step on CUDA, not on CPU | true | false
     grad_accum: int = 1
     freeze_bn: bool = False
     os8_from: int | None = None  # DeepLabV3 protocol: switch to OS8 with BN frozen at this step
     val_interval: int = 8000
     checkpoint_interval: int = 2000
     keep_best: int = 3  # best-k checkpoints by val mIoU kept for `seg average`
+    log_every: int = 50  # mmseg's interval; reading the loss waits for the GPU, so not every step
     workers: int = 4
     shuffle_buffer: int = 64
     device: str = "auto"  # auto | cpu | cuda
@@ -106,6 +115,8 @@ class EvalParams:
     flip: bool = False
     output_stride: int | None = None  # evaluate at another OS than training
     batch_size: int = 1
+    amp: str = "auto"  # auto: bf16 autocast where the GPU has it (fp16 on older GPUs), off on CPU
+    workers: int = 4  # DataLoader processes that read, verify and decode the shards
     device: str = "auto"
 
 
@@ -152,6 +163,8 @@ def _coerce(tp, value, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1 and any(_is(value, a) for a in inner):  # e.g. `bool | str`
+            return value
         return _coerce(inner[0], value, where)
     if origin is list:
         if not isinstance(value, list):
@@ -170,6 +183,11 @@ def _coerce(tp, value, where: str):
     return value
 
 
+def _is(value, tp) -> bool:
+    """isinstance, where a bool is not an int (YAML's true is not 1)."""
+    return isinstance(value, tp) and (tp is bool) == isinstance(value, bool)
+
+
 def _choice(where: str, value, valid) -> None:
     if value not in valid:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, valid))}")
@@ -181,18 +199,19 @@ def _positive(where: str, value, strict: bool = True) -> None:
 
 
 def _check(p: Params) -> None:
-    _choice("data.dataset", p.data.dataset, ("cityscapes", "voc", "vkitti2"))
+    _choice("data.dataset", p.data.dataset, DATASETS)
     for name in ("train", "val", "height", "width"):
         _positive(f"synth.{name}", getattr(p.synth, name), strict=name in ("height", "width"))
     _positive("preprocess.samples_per_shard", p.preprocess.samples_per_shard)
-    _choice("preprocess.image_format", p.preprocess.image_format, ("png", "npy"))
+    _choice("preprocess.image_format", p.preprocess.image_format, IMAGE_FORMATS)
     t = p.train
-    _choice("train.model.arch", t.model.arch, ("deeplabv3", "deeplabv3plus"))
-    _choice("train.model.output_stride", t.model.output_stride, (8, 16, 32))
+    _choice("train.model.arch", t.model.arch, ARCHS)
+    _choice("train.model.output_stride", t.model.output_stride, OUTPUT_STRIDES)
     _choice("train.optimizer", t.optimizer, ("sgd", "adam", "adamw"))
     _choice("train.schedule", t.schedule, ("poly", "cosine"))
-    _choice("train.amp", t.amp, ("auto", "bf16", "fp16", "off"))
-    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("train.amp", t.amp, AMP_MODES)
+    _choice("train.compile", t.compile, ("auto", True, False))
+    _choice("train.device", t.device, DEVICES)
     _choice("train.class_weights", t.class_weights, (None, "inverse_log"))
     for name in (
         "iterations",
@@ -203,6 +222,7 @@ def _check(p: Params) -> None:
         "checkpoint_interval",
         "keep_best",
         "shuffle_buffer",
+        "log_every",
     ):
         _positive(f"train.{name}", getattr(t, name))
     for name in (
@@ -236,8 +256,10 @@ def _check(p: Params) -> None:
         raise ConfigError(f"train.loss: weights >= 0 for ce and/or dice, got {t.loss}")
     e = p.evaluate
     _choice("evaluate.mode", e.mode, ("whole", "slide"))
-    _choice("evaluate.output_stride", e.output_stride, (None, 8, 16, 32))
-    _choice("evaluate.device", e.device, ("auto", "cpu", "cuda"))
+    _choice("evaluate.output_stride", e.output_stride, (None, *OUTPUT_STRIDES))
+    _choice("evaluate.device", e.device, DEVICES)
+    _choice("evaluate.amp", e.amp, AMP_MODES)
+    _positive("evaluate.workers", e.workers, strict=False)
     check_inference(e.crop_size, e.stride, e.scales, e.batch_size, "evaluate.")
 
 
@@ -257,6 +279,28 @@ def check_inference(crop, stride, scales, batch_size: int, prefix: str = "--") -
         raise ConfigError(f"{prefix}batch_size: must be >= 1, got {batch_size}")
 
 
+def yaml_load(text: str):
+    """YAML as DVC reads params.yaml: YAML 1.2, where only true/false are booleans.
+
+    PyYAML follows YAML 1.1, which also reads yes/no/on/off as booleans, so `amp: off` would
+    arrive as False ("expected str, got False") while `dvc exp run -S train.amp=off` and DVC's
+    own parser see the string "off"."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate params.yaml; ConfigError names the file and the bad key."""
     import yaml
@@ -265,7 +309,7 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     try:

@@ -1,13 +1,15 @@
-"""Multi-process runs: build the torchrun command line and run it (`seg train --gpus N`).
+"""Multi-process runs: build the torchrun command line and run it (`seg train|eval --gpus N`).
 
     seg train --gpus 4                      # one node, 4 processes (one per GPU)
     seg train --gpus 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500
     seg train --gpus 8 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500
+    seg eval --gpus 4                       # each GPU scores a quarter of the val split
 
-Each worker runs `python -m stages.cli train ...` with torchrun's env vars set; the train
+Each worker runs `python -m stages.cli train|eval ...` with torchrun's env vars set; the
 command sees RANK, joins the process group (pipeline.engine.distributed.init_from_env) and
-trains its share of the global batch. One node without --master-port uses `--standalone`
-(a free local port), so two runs on one machine never collide on 29500.
+does its share. One node without --master-port uses `--standalone` (a free local port), so
+two runs on one machine never collide on 29500. `--gpus 1` is a one-process group: the
+multi-GPU code path (NCCL, DDP, SyncBatchNorm) on one GPU.
 """
 
 from __future__ import annotations
@@ -33,9 +35,6 @@ class Topology:
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
-
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def check_topology(t: Topology, device: str) -> None:
@@ -79,18 +78,22 @@ def torchrun_command(
     return [*cmd, "-m", module, *module_args]
 
 
-def train_args(
-    params: Path | str, overrides: Sequence[str] | None, resume: bool | str
+def worker_args(
+    command: str, params: Path | str, overrides: Sequence[str] | None, *extra: str
 ) -> list[str]:
-    """The `seg train` arguments each worker gets (no --gpus: a worker never re-launches)."""
-    args = ["train", "--params", str(params)]
+    """The `seg COMMAND` arguments each worker gets (no --gpus: a worker never re-launches)."""
+    args = [command, "--params", str(params)]
     for item in overrides or ():
         args += ["--set", item]
-    if resume == "auto":
-        args.append("--auto-resume")
-    elif resume:
-        args.append("--resume")
-    return args
+    return [*args, *extra]
+
+
+def train_args(params: Path | str, overrides: Sequence[str] | None, resume: str) -> list[str]:
+    """`seg train` for each worker; `resume` is a stages.steps.Resume value."""
+    flag = {"auto": ["--auto-resume"], "continue": ["--resume"]}.get(
+        getattr(resume, "value", resume), []
+    )
+    return worker_args("train", params, overrides, *flag)
 
 
 def run(cmd: Sequence[str], env: dict | None = None) -> int:
@@ -103,13 +106,7 @@ def run(cmd: Sequence[str], env: dict | None = None) -> int:
         return 130
 
 
-def launch_train(
-    t: Topology,
-    params: Path | str,
-    overrides: Sequence[str] | None,
-    resume: bool | str,
-    device: str,
-) -> int:
-    """Check the topology, then run `seg train` under torchrun; returns torchrun's exit code."""
+def launch(t: Topology, args: Sequence[str], device: str) -> int:
+    """Check the topology, then run `seg ARGS` under torchrun; returns torchrun's exit code."""
     check_topology(t, device)
-    return run(torchrun_command(t, train_args(params, overrides, resume)))
+    return run(torchrun_command(t, args))

@@ -11,11 +11,12 @@ import dataclasses
 import json
 import logging
 import os
+from enum import Enum
 from pathlib import Path
 
 from pipeline.atomic import atomic_path, atomic_write
 from pipeline.errors import ConfigError, DataError
-from pipeline.params import Params, load_params, params_from_dict
+from pipeline.params import Params, load_params, params_from_dict, yaml_load
 
 log = logging.getLogger("seg")
 
@@ -24,9 +25,8 @@ log = logging.getLogger("seg")
 
 
 def load(params_file: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """params.yaml plus `section.key=value` overrides (values parsed as YAML), validated."""
-    import yaml
-
+    """params.yaml plus `section.key=value` overrides (values parsed as YAML 1.2, as DVC's
+    `-S`), validated."""
     params = load_params(params_file)
     if not overrides:
         return params
@@ -43,7 +43,7 @@ def load(params_file: Path | str = "params.yaml", overrides: list[str] | None = 
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(f"--set {key}: unknown key; valid: {', '.join(sorted(node))}")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = yaml_load(value)
     return params_from_dict(raw)
 
 
@@ -97,37 +97,69 @@ def preprocess(p: Params, split: str, progress=None) -> dict:
     }  # fmt: skip
 
 
-class _Live:
-    """Training callbacks -> DVCLive (metrics and plots dvc understands) + an optional sink."""
+class Resume(str, Enum):
+    """What `train` does with an existing last.pt."""
+
+    NEW = "new"  # start a new run (`seg train`)
+    CONTINUE = "continue"  # continue it, or fail saying why (`seg train --resume`)
+    AUTO = "auto"  # continue an unfinished run of the same params, else start a new one
+    #                (`seg train --auto-resume`: dvc repro, the flows)
+
+
+class _Log:
+    """Training callbacks -> DVCLive (metrics and plots dvc understands) where it is installed,
+    else a plain `train_log.jsonl` (a lean GPU node without the orchestration extra); plus an
+    optional sink (the CLI's progress bar)."""
 
     def __init__(self, out: Path, resume: bool, sink=None) -> None:
-        from dvclive import Live
-
-        self.live = Live(dir=str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=False)
         self.sink = sink
+        try:
+            from dvclive import Live
+        except ImportError:
+            self.live, self.file = None, out / "train_log.jsonl"
+            out.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                self.file.unlink(missing_ok=True)
+            log.info("dvclive is not installed: training curves go to %s", self.file)
+            return
+        self.live = Live(dir=str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=False)
+
+    def _write(self, step: int, values: dict) -> None:
+        if self.live is None:
+            with open(self.file, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+            return
+        self.live.step = step
+        for name, value in values.items():
+            self.live.log_metric(name, value)
 
     def on_step(self, info: dict) -> None:
-        self.live.step = info["step"]
-        self.live.log_metric("train/loss", info["loss"])
-        self.live.log_metric("train/lr", info["lr"])
-        self.live.log_metric("train/images_per_s", info["images_per_s"])
+        self._write(
+            info["step"],
+            {
+                "train/loss": info["loss"],
+                "train/lr": info["lr"],
+                "train/images_per_s": info["images_per_s"],
+            },
+        )
         if self.sink:
             self.sink.on_step(info)
 
     def on_eval(self, step: int, metrics: dict) -> None:
-        self.live.step = step
-        self.live.log_metric("val/miou", metrics["miou"])
-        self.live.log_metric("val/pixel_accuracy", metrics["pixel_accuracy"])
+        self._write(
+            step, {"val/miou": metrics["miou"], "val/pixel_accuracy": metrics["pixel_accuracy"]}
+        )
         if self.sink:
             self.sink.on_eval(step, metrics)
 
     def close(self) -> None:
-        self.live.end()
+        if self.live is not None:
+            self.live.end()
 
 
-def train(p: Params, resume: bool | str = False, sink=None, stop_after: int | None = None) -> dict:
-    """resume: False (a new run), True (continue last.pt or fail), "auto" (continue an
-    unfinished run of the same params, else a new run)."""
+def train(p: Params, resume: Resume = Resume.NEW, sink=None, stop_after: int | None = None) -> dict:
+    """Train on the train shards, validating on the val shards; rank 0 writes checkpoints,
+    the training log and summary.json."""
     from pipeline.data.labels import get_spec
     from pipeline.data.shards import class_pixel_counts
     from pipeline.engine.distributed import rank_world
@@ -135,21 +167,21 @@ def train(p: Params, resume: bool | str = False, sink=None, stop_after: int | No
 
     out = train_dir(p)
     _check_dataset(shard_dir(p, p.data.train_split), p.data.dataset)
-    resume = bool(resume) and _resumable(out / "last.pt", p, strict=resume is True)
+    resume = Resume(resume)
+    cont = resume is not Resume.NEW and _resumable(
+        out / "last.pt", p, strict=resume is Resume.CONTINUE
+    )
     main = rank_world()[0] == 0  # under torchrun only rank 0 logs and writes
-    live = _Live(out, resume, sink) if main else None
-    cb = Callbacks()
-    if live is not None:
-        cb.on_step, cb.on_eval = live.on_step, live.on_eval  # type: ignore[method-assign]
+    logger = _Log(out, cont, sink) if main else None
     try:
         result = train(
             p.train, shard_dir(p, p.data.train_split), shard_dir(p, p.data.val_split), out,
             get_spec(p.data.dataset), class_counts=class_pixel_counts(shard_dir(p, p.data.train_split)),
-            resume=resume, callbacks=cb, stop_after=stop_after,
+            resume=cont, callbacks=logger or Callbacks(), stop_after=stop_after,
         )  # fmt: skip
     finally:
-        if live is not None:
-            live.close()
+        if logger is not None:
+            logger.close()
     summary = {k: v for k, v in result.items() if k != "history"}
     if main:
         _write_json(out / "summary.json", summary)
@@ -164,26 +196,37 @@ def evaluate(
     progress=None,
 ) -> dict:
     """Score a checkpoint on the val shards; write metrics.json (+ per-class plot data, the
-    confusion matrix as JSON and PNG) stamped with provenance; append to the run history."""
+    confusion matrix as JSON and PNG) stamped with provenance; append to the run history.
+
+    Under torchrun (`seg eval --gpus N`) every rank scores a slice, the confusion matrices are
+    summed, and rank 0 writes the same files as a single process."""
     from pipeline import provenance
     from pipeline.data.labels import get_spec
     from pipeline.engine.checkpoint import build_from_checkpoint, check_classes, sha256_file
-    from pipeline.engine.evaluate import InferenceOptions, evaluate, resolve_device
+    from pipeline.engine.device import amp_setting
+    from pipeline.engine.distributed import local_device, rank_world
+    from pipeline.engine.evaluate import InferenceOptions, evaluate, prepare_for_inference
     from pipeline.params import params_hash
 
     e = p.evaluate
     checkpoint = Path(checkpoint or train_dir(p) / "best.pt")
     shards = Path(shards or shard_dir(p, p.data.val_split))
     out = Path(out or eval_dir(p))
-    device = resolve_device(e.device)
-    model, ckpt = build_from_checkpoint(checkpoint, device, output_stride=e.output_stride)
+    rank, world = rank_world()
+    device = local_device(e.device)
+    model, ckpt = build_from_checkpoint(checkpoint, "cpu", output_stride=e.output_stride)
+    model = prepare_for_inference(model, device)
     spec = get_spec(p.data.dataset)
     check_classes(ckpt, spec, checkpoint)
     _check_dataset(shards, spec.name)
-    opts = InferenceOptions(e.mode, tuple(e.crop_size), tuple(e.stride), tuple(e.scales), e.flip)
-    metrics, acc = evaluate(
-        model, shards, spec, device, opts, batch_size=e.batch_size, progress=progress
+    amp = amp_setting(e.amp, device)[0]
+    opts = InferenceOptions(
+        e.mode, tuple(e.crop_size), tuple(e.stride), tuple(e.scales), e.flip, amp
     )
+    metrics, acc = evaluate(
+        model, shards, spec, device, opts, batch_size=e.batch_size, workers=e.workers,
+        rank=rank, world_size=world, progress=progress,
+    )  # fmt: skip
     metrics["provenance"] = {
         "git": provenance.git_state(),
         "params_hash": params_hash(p),
@@ -198,8 +241,10 @@ def evaluate(
         },
         "time": provenance.now(),
         "hardware": provenance.hardware(),
+        "world_size": world,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    if rank != 0:
+        return metrics
     _write_json(out / "metrics.json", metrics)
     _write_json(
         out / "per_class_iou.json",
@@ -209,7 +254,7 @@ def evaluate(
         out / "confusion.json",
         {"classes": list(spec.class_names), "matrix": acc.confusion.tolist()},
     )
-    _confusion_png(acc.confusion.cpu().numpy(), spec.class_names, out / "confusion.png")
+    confusion_png(acc.confusion.cpu().numpy(), spec.class_names, out / "confusion.png")
     from stages.history import append_run
 
     append_run(runs_file(p), metrics)
@@ -243,7 +288,7 @@ def _check_dataset(shards: Path, dataset: str) -> None:
 
 
 # params that change neither the weights nor the data order: a resume may change them
-_RESUME_FREE = ("device", "val_interval", "checkpoint_interval", "keep_best")
+_RESUME_FREE = ("device", "val_interval", "checkpoint_interval", "keep_best", "log_every")
 
 
 def _resumable(last: Path, p: Params, strict: bool = False) -> bool:
@@ -281,23 +326,30 @@ def _write_json(path: Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _confusion_png(confusion, class_names, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def confusion_png(confusion, class_names, path: Path) -> None:
+    """The row-normalised confusion matrix as a heat map with class names (PIL only)."""
     import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
 
     rows = confusion.sum(1, keepdims=True)
     norm = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
-    fig, ax = plt.subplots(figsize=(9, 8), dpi=80)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
-    ax.set_title("confusion matrix (row-normalised)")
-    fig.tight_layout()
+    n, cell, margin = len(class_names), 24, 130
+    size = margin + n * cell + 10
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i in range(n):
+        for j in range(n):
+            v = float(norm[i, j])  # white (0) -> dark blue (1), as matplotlib's "Blues"
+            colour = tuple(int(255 - v * (255 - c)) for c in (8, 48, 107))
+            x, y = margin + j * cell, margin + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline="#dddddd")
+        draw.text((4, margin + i * cell + 6), str(class_names[i])[:18], fill="black", font=font)
+        label = Image.new("RGB", (margin - 4, cell), "white")
+        ImageDraw.Draw(label).text((2, 6), str(class_names[i])[:18], fill="black", font=font)
+        img.paste(label.rotate(90, expand=True), (margin + i * cell, 2))
+    draw.text(
+        (margin, size - 10), "columns: predicted, rows: ground truth", fill="black", font=font
+    )
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+        img.save(tmp, format="PNG")

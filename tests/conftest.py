@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample"
+# The real data beside the checkout (../shared/data); tests that read it skip without it.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLE_ROOT = SHARED_DATA / "cityscapes_sample"
+needs_sample = pytest.mark.skipif(
+    not SAMPLE_ROOT.is_dir(), reason=f"the real Cityscapes frame is not at {SAMPLE_ROOT}"
+)
 
 # Prefect must never touch the user's ~/.prefect from tests.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
@@ -63,9 +68,9 @@ def tiny_params(**overrides) -> dict:
     raw["preprocess"].update(workers=1, samples_per_shard=4)
     raw["train"].update(
         iterations=4, batch_size=2, crop_size=[64, 64], val_interval=2, checkpoint_interval=2,
-        workers=0, device="cpu", warmup_iters=0,
+        workers=0, device="cpu", warmup_iters=0, log_every=1,
     )  # fmt: skip
-    raw["evaluate"].update(batch_size=2, device="cpu")
+    raw["evaluate"].update(batch_size=2, device="cpu", workers=0)
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         raw[section][name] = value

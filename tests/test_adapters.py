@@ -218,3 +218,12 @@ def test_vkitti_bad_roots_raise(vkitti_root):
     ).unlink()
     with pytest.raises(DataError, match=r"classgt_00001\.png: missing class mask"):
         adapter.samples(vkitti_root, "train")
+
+
+def test_embedded_cityscapes_table_is_the_official_one():
+    """The label table travels with the library (lean GPU nodes have no cityscapesscripts);
+    it must be cityscapesscripts' own, row for row."""
+    official = pytest.importorskip("cityscapesscripts.helpers.labels").labels
+    from pipeline.data.labels import CITYSCAPES_LABELS
+
+    assert [tuple(lab) for lab in CITYSCAPES_LABELS] == [tuple(lab) for lab in official]

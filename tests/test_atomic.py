@@ -43,3 +43,6 @@ def test_folder_is_replaced_whole_or_not_at_all(tmp_path):
         (tmp / "c.tar").write_text("3")
     assert sorted(p.name for p in out.iterdir()) == ["c.tar"]
     assert _leftovers(tmp_path) == []
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # the umask's mode

@@ -61,7 +61,7 @@ def trained(proj: Path) -> Path:
 
 def test_torchrun_command_one_node_uses_a_free_port():
     t = launch.Topology(nproc_per_node=2)
-    cmd = launch.torchrun_command(t, launch.train_args("p.yaml", ["train.lr=0.1"], True))
+    cmd = launch.torchrun_command(t, launch.train_args("p.yaml", ["train.lr=0.1"], "continue"))
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--master-port" not in cmd
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
@@ -131,34 +131,35 @@ def test_two_processes_train_and_checkpoint(trained: Path):
 
 
 def test_two_process_eval_equals_one_process(trained: Path, proj: Path, tmp_path: Path):
+    """`seg eval --gpus 2`: the same stage function as `seg eval`, each rank a slice; rank 0
+    writes metrics with provenance and appends to the run history."""
     import json
 
-    from pipeline.engine.distributed import evaluate_checkpoint
+    from stages.history import read_runs
 
-    ckpt, shards = trained / "best.pt", proj / "data" / "shards" / "val"
-    t = launch.Topology(nproc_per_node=2)
-    args = ["eval", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(tmp_path)]
-    _run(
-        launch.torchrun_command(t, [*args, "--device", "cpu"], "pipeline.engine.distributed"), proj
-    )
-    dist_metrics = json.loads((tmp_path / "metrics.json").read_text())
-    dist_confusion = json.loads((tmp_path / "confusion.json").read_text())["matrix"]
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1): same float sums
-    try:
-        metrics, acc = evaluate_checkpoint(ckpt, shards, device="cpu")
-    finally:
-        torch.set_num_threads(threads)
-    assert dist_metrics["world_size"] == 2
+    one, two = tmp_path / "one", tmp_path / "two"
+    eval_args = ["--checkpoint", str(trained / "best.pt"), "-S", "evaluate.device=cpu"]
+    _run(_seg("eval", *eval_args, "--out", str(two), "--gpus", "2"), proj)
+    _run(_seg("eval", *eval_args, "--out", str(one)), proj)
+    dist_metrics = json.loads((two / "metrics.json").read_text())
+    metrics = json.loads((one / "metrics.json").read_text())
+    assert dist_metrics["provenance"]["world_size"] == 2
     assert dist_metrics["images"] == metrics["images"] == 4
-    assert dist_confusion == acc.confusion.cpu().tolist()
+    confusion = [json.loads((d / "confusion.json").read_text())["matrix"] for d in (two, one)]
+    assert confusion[0] == confusion[1]
     assert dist_metrics["miou"] == metrics["miou"]
+    assert dist_metrics["provenance"]["checkpoint"] == metrics["provenance"]["checkpoint"]
+    runs = read_runs(proj / "outputs" / "runs.parquet")
+    assert [r["miou"] for r in runs[-2:]] == [metrics["miou"]] * 2
 
 
-def test_resume_two_processes_on_one(proj: Path, tmp_path: Path):
-    """Stop a 2-process run after step 2 (its checkpoint), resume it with 1 process to the end."""
+def test_resume_two_processes_on_one(proj: Path, tmp_path: Path, monkeypatch):
+    """Stop a 2-process run after step 2 (its checkpoint), resume it with 1 process to the end:
+    it continues from the 2-process weights and optimizer state, deterministically."""
+    import shutil
+
     from pipeline.engine.checkpoint import load
+    from stages import steps
 
     worker = tmp_path / "train_until.py"
     worker.write_text(
@@ -178,9 +179,27 @@ def test_resume_two_processes_on_one(proj: Path, tmp_path: Path):
     first = load(out / "train" / "last.pt")
     assert first["step"] == 2
 
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
     _run(_seg("train", "--resume", "-S", override), proj)
     last = load(out / "train" / "last.pt")
     assert last["step"] == 4
-    # the first two steps are the 2-process run's (a fresh 1-process run would log other losses)
-    assert last["history"][:2] == first["history"]
     assert [h["step"] for h in last["history"]] == [1, 2, 3, 4]
+
+    def final_weights(outputs: Path, resume) -> dict:
+        monkeypatch.chdir(proj)
+        p = steps.load("params.yaml", [f"data.outputs={outputs}"])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): the same float sums
+        try:
+            steps.train(p, resume=resume)
+        finally:
+            torch.set_num_threads(threads)
+        return load(outputs / "train" / "last.pt")["model"]
+
+    # the same checkpoint resumed again in this process: the same final weights
+    resumed = final_weights(again, steps.Resume.CONTINUE)
+    assert all(torch.equal(resumed[k], last["model"][k]) for k in resumed)
+    # ... which the step-2 state decided: a fresh 1-process run ends elsewhere
+    fresh = final_weights(tmp_path / "fresh", steps.Resume.NEW)
+    assert not all(torch.equal(fresh[k], last["model"][k]) for k in fresh)

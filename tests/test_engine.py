@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.data.labels import get_spec
 from pipeline.engine import checkpoint
-from pipeline.engine.inference import predict_probs
+from pipeline.engine.inference import predict_scores
 from pipeline.engine.losses import SegLoss, inverse_log_weights, poly_lr
 from pipeline.engine.train import lr_at
 from pipeline.errors import CheckpointError, ConfigError
@@ -35,7 +35,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
     shutil.rmtree(proj / "outputs")
     steps.train(p, stop_after=3)  # "killed" right after the step-3 checkpoint
     assert checkpoint.load(proj / "outputs/train/last.pt")["step"] == 3
-    resumed = steps.train(p, resume=True)
+    resumed = steps.train(p, resume=steps.Resume.CONTINUE)
     b = checkpoint.load(proj / "outputs/train/last.pt")
     assert b["step"] == 6 and resumed["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -92,18 +92,24 @@ def test_poly_schedule_and_warmup():
 
 def test_inference_modes_keep_input_size():
     model = build_model("deeplabv3plus", "mobilenet_v3_large", num_classes=4).eval()
-    x = torch.randn(1, 3, 67, 131)
-    whole = predict_probs(model, x, 4)
-    assert whole.shape == (1, 4, 67, 131)
-    assert torch.allclose(whole.sum(1), torch.ones(1, 67, 131), atol=1e-5)
+    x = torch.randn(2, 3, 67, 131)
+    whole = predict_scores(model, x, 4)  # one view: the logits
+    assert whole.shape == (2, 4, 67, 131)
+    assert torch.allclose(whole, model(x)["out"], atol=1e-5)
     # a window covering the image is whole-image inference
-    slide_all = predict_probs(model, x, 4, mode="slide", crop=(80, 160), stride=(60, 120))
+    slide_all = predict_scores(model, x, 4, mode="slide", crop=(80, 160), stride=(60, 120))
     assert torch.allclose(slide_all, whole, atol=1e-5)
-    slide = predict_probs(model, x, 4, mode="slide", crop=(48, 64), stride=(32, 48))
+    slide = predict_scores(model, x, 4, mode="slide", crop=(48, 64), stride=(32, 48))
     assert slide.shape == whole.shape and not torch.allclose(slide, whole)
-    tta = predict_probs(model, x, 4, scales=(0.75, 1.25), flip=True)
+    # the windows of both images in one forward or one at a time: the same logits
+    one_by_one = predict_scores(
+        model, x, 4, mode="slide", crop=(48, 64), stride=(32, 48), window_batch=1
+    )
+    assert torch.allclose(slide, one_by_one, atol=1e-5)
+    # several views: softmax probabilities summed over 2 scales x 2 flips
+    tta = predict_scores(model, x, 4, scales=(0.75, 1.25), flip=True)
     assert tta.shape == whole.shape
-    assert torch.allclose(tta.sum(1), torch.full((1, 67, 131), 4.0), atol=1e-4)
+    assert torch.allclose(tta.sum(1), torch.full((2, 67, 131), 4.0), atol=1e-4)
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
@@ -233,7 +239,7 @@ def test_output_stride_switch_freezes_bn_and_travels_with_the_checkpoint(tmp_pat
     p = steps.load("params.yaml", ["train.os8_from=2", "train.checkpoint_interval=1"])
     steps.train(p, stop_after=2)
     before = checkpoint.load(proj / "outputs/train/last.pt")
-    steps.train(p, resume=True)
+    steps.train(p, resume=steps.Resume.CONTINUE)
     after = checkpoint.load(proj / "outputs/train/last.pt")
     assert before["output_stride"] == 16 and after["output_stride"] == 8
     bn = [k for k in after["model"] if k.endswith("running_mean")]
@@ -242,3 +248,66 @@ def test_output_stride_switch_freezes_bn_and_travels_with_the_checkpoint(tmp_pat
     assert not torch.equal(before["model"][conv], after["model"][conv])  # the rest still trains
     model, _ = build_from_checkpoint(proj / "outputs/train/last.pt")
     assert model.output_stride == 8
+
+
+def test_averaged_checkpoint_is_the_mean_of_its_inputs(tmp_path):
+    """`seg average`: every float tensor (BatchNorm's running statistics too) is the mean of
+    the inputs'; integer buffers (num_batches_tracked) come from the first."""
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build_model("deeplabv3plus", "mobilenet_v3_large", num_classes=4)
+        model.train()(torch.randn(2, 3, 32, 32))  # moves the BN running statistics
+        states.append(model.state_dict())
+        checkpoint.save_atomic(
+            {"model": model.state_dict(), "model_config": {"num_classes": 4}, "step": seed},
+            tmp_path / f"{seed}.pt",
+        )
+    checkpoint.average_checkpoints([tmp_path / f"{s}.pt" for s in range(3)], tmp_path / "avg.pt")
+    avg = checkpoint.load(tmp_path / "avg.pt")["model"]
+    bn = [k for k in avg if k.endswith("running_var")]
+    assert bn and not torch.equal(states[0][bn[0]], states[1][bn[0]])
+    for k, v in avg.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, sum(s[k] for s in states) / 3, atol=1e-6), k
+        else:
+            assert torch.equal(v, states[0][k]), k
+
+
+def test_cosine_schedule_and_adam_optimizers():
+    p = TrainParams(iterations=100, lr=0.01, min_lr=0.001, schedule="cosine", warmup_iters=0)
+    assert lr_at(p, 0) == pytest.approx(0.01)
+    assert lr_at(p, 50) == pytest.approx(0.001 + 0.5 * 0.009)  # halfway: the midpoint
+    assert lr_at(p, 100) == pytest.approx(0.001)
+    assert all(lr_at(p, s) > lr_at(p, s + 1) for s in range(99))
+    from pipeline.engine.train import build_optimizer
+
+    w = torch.nn.Parameter(torch.ones(3))
+    for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        opt = build_optimizer(
+            TrainParams(optimizer=name, lr=0.1, weight_decay=0.01), [w], torch.device("cpu")
+        )
+        assert type(opt) is cls and opt.defaults["weight_decay"] == 0.01
+    # AdamW decays the weights apart from the gradient: with a zero gradient it still shrinks
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(
+        TrainParams(optimizer="adamw", lr=0.1, weight_decay=0.5), [w], torch.device("cpu")
+    )
+    w.grad = torch.zeros(3)
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full((3,), 1 - 0.1 * 0.5))
+
+
+def test_label_smoothed_cross_entropy_value():
+    """With smoothing e over K classes the target is (1 - e) on the true class plus e/K on
+    every class: the loss is (1 - e) * CE + e * mean over classes of -log p."""
+    logits = torch.tensor([[[[2.0]], [[0.0]], [[-1.0]]]])  # (1, 3, 1, 1)
+    target = torch.tensor([[[0]]])
+    logp = torch.log_softmax(logits[0, :, 0, 0], 0)
+    expected = (1 - 0.1) * -logp[0] + 0.1 * -logp.mean()
+    assert float(SegLoss(3, label_smoothing=0.1)(logits, target)) == pytest.approx(float(expected))
+    # ignored pixels stay out of the mean with smoothing too
+    two = torch.cat([logits, logits], 3)
+    assert float(SegLoss(3, label_smoothing=0.1)(two, torch.tensor([[[0, 255]]]))) == (
+        pytest.approx(float(expected))
+    )

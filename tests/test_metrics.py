@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import SAMPLE_ROOT, needs_sample
 
 from pipeline.data.labels import get_spec
 from pipeline.errors import ConfigError
@@ -196,12 +197,11 @@ def test_iiou_only_when_instances_given_and_ids_per_image():
     assert torch.allclose(batch.instance_stats, single.instance_stats)
 
 
+@needs_sample
 def test_from_spec_on_the_real_frame_scores_perfect_prediction_as_one():
     from pipeline.data.pngio import read_png
 
-    root = (
-        "/work/shared/data/cityscapes_sample/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_"
-    )
+    root = f"{SAMPLE_ROOT}/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_"
     spec = get_spec("cityscapes")
     train = torch.from_numpy(spec.to_train_ids(read_png(root + "labelIds.png")))
     inst = torch.from_numpy(read_png(root + "instanceIds.png"))  # uint16, as the PNG stores it

@@ -76,7 +76,7 @@ def test_feature_maps_have_the_promised_stride(backbone, output_stride):
 
 def test_multi_grid_rates_follow_the_paper():
     # DeepLabV3 paper, Sec. 3.2: Multi_Grid (1, 2, 4) at output stride 16 -> rates (2, 4, 8)
-    model = meta_model("deeplabv3", "resnet50", output_stride=16, multi_grid=(1, 2, 4))
+    model = meta_model("deeplabv3", "resnet50", output_stride=16, resnet_multi_grid=(1, 2, 4))
     layer4 = model.backbone.layer4
     assert [b.conv2.dilation[0] for b in layer4] == [2, 4, 8]
     assert model.aspp.atrous_rates == (6, 12, 18)
@@ -126,7 +126,12 @@ def test_deeplabv3_resnet50_matches_torchvision_parameters_and_outputs():
         weights=None, weights_backbone=None, num_classes=21, aux_loss=True
     ).eval()
     ours = build_model(
-        "deeplabv3", "resnet50", num_classes=21, aux_head=True, output_stride=8, multi_grid=None
+        "deeplabv3",
+        "resnet50",
+        num_classes=21,
+        aux_head=True,
+        output_stride=8,
+        resnet_multi_grid=None,
     ).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = small_input()
@@ -168,7 +173,7 @@ def test_decoder_follows_the_paper():
 
 
 def test_separable_aspp_and_decoder_use_depthwise_convs_and_cost_less():
-    sep = meta_model("deeplabv3plus", "xception65", separable=True)
+    sep = meta_model("deeplabv3plus", "xception65", separable_head=True)
     dw = [m for m in sep.classifier.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
     assert len(dw) == 3 + 2  # three ASPP branches, two decoder convs
     assert sep.aspp.atrous_rates == (6, 12, 18)
@@ -180,12 +185,37 @@ def test_separable_aspp_and_decoder_use_depthwise_convs_and_cost_less():
 # --- complexity against the paper -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", sorted(PAPER_MACS))
-def test_multiply_adds_within_15_percent_of_the_paper(key):
-    arch, backbone, output_stride, separable = key
+# The paper's figures, typed from its tables (513x513, 21 classes), with the tolerance we
+# claim for each: the separable Xception-65 V3+ is the paper's own network and matches within
+# 0.5 %; the non-separable Xception rows come within 6 %; our torchvision ResNet-101 (one 7x7
+# stem conv, where the paper's TF ResNet has three 3x3) comes 6-12 % under.
+PAPER = [
+    # DeepLabV3+ paper, Table 3 (ResNet-101)
+    ("deeplabv3", "resnet101", 32, False, 52.43e9, -0.12, 0.0),
+    ("deeplabv3", "resnet101", 16, False, 81.02e9, -0.12, 0.0),
+    ("deeplabv3", "resnet101", 8, False, 276.18e9, -0.12, 0.0),
+    ("deeplabv3plus", "resnet101", 32, False, 74.20e9, -0.12, 0.0),
+    ("deeplabv3plus", "resnet101", 16, False, 101.28e9, -0.12, 0.0),
+    ("deeplabv3plus", "resnet101", 8, False, 297.92e9, -0.12, 0.0),
+    # DeepLabV3+ paper, Table 5 (modified aligned Xception-65)
+    ("deeplabv3", "xception65", 16, False, 68.00e9, -0.06, 0.0),
+    ("deeplabv3", "xception65", 8, False, 240.85e9, -0.06, 0.0),
+    ("deeplabv3plus", "xception65", 16, False, 89.76e9, -0.06, 0.0),
+    ("deeplabv3plus", "xception65", 8, False, 262.59e9, -0.06, 0.0),
+    ("deeplabv3plus", "xception65", 16, True, 54.17e9, -0.005, 0.005),
+    ("deeplabv3plus", "xception65", 8, True, 177.10e9, -0.005, 0.005),
+]
+
+
+@pytest.mark.parametrize("arch,backbone,output_stride,separable,paper,lo,hi", PAPER)
+def test_multiply_adds_against_the_paper(arch, backbone, output_stride, separable, paper, lo, hi):
     c = measure(arch, backbone, output_stride=output_stride, separable=separable, num_classes=21)
-    assert c.paper_macs == PAPER_MACS[key]
-    assert abs(c.macs - c.paper_macs) / c.paper_macs < 0.15
+    assert lo <= (c.macs - paper) / paper <= hi
+    assert c.paper_macs == paper  # `seg models` shows the same figure next to ours
+
+
+def test_every_paper_figure_is_checked():
+    assert sorted(PAPER_MACS) == sorted(row[:4] for row in PAPER)
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -264,7 +294,7 @@ def test_xception_has_no_torchvision_imagenet_weights():
         ({"arch": "pspnet"}, "deeplabv3, deeplabv3plus"),
         ({"output_stride": 12}, "8, 16, 32"),
         ({"aspp_rates": (6, 12)}, "(6, 12, 18)"),
-        ({"multi_grid": (1, 2)}, "(1, 2, 4)"),
+        ({"resnet_multi_grid": (1, 2)}, "(1, 2, 4)"),
         ({"num_classes": 0}, "positive integer"),
     ],
 )

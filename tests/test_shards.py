@@ -8,25 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_ROOT, write_frame
+from conftest import SAMPLE_ROOT, needs_sample, write_frame
 from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.data.labels import get_spec
 from pipeline.data.pngio import read_png
-from pipeline.data.shards import (
-    EvalReader,
-    TrainStream,
-    class_pixel_counts,
-    read_manifest,
-    skip_for_resume,
-    write_shards,
-)
-from pipeline.data.transforms import TrainAugment
+from pipeline.data.readers import EvalReader, TrainStream, eval_loader, skip_for_resume
+from pipeline.data.shards import class_pixel_counts, read_manifest, write_shards
 from pipeline.errors import DataError
 from stages.cli import app
 
 
+@needs_sample
 def test_real_cityscapes_frame_converts_by_official_table(tmp_path):
     out = tmp_path / "val"
     write_shards(SAMPLE_ROOT, "val", out)
@@ -81,38 +75,27 @@ def test_eval_reader_yields_each_sample_once_in_order_and_splits_by_rank(tiny_ro
     assert [len(p) for p in parts] == [2, 2, 1, 1]
 
 
-def test_train_stream_is_seeded_split_and_augmented(tiny_root, tmp_path):
+def test_train_stream_is_seeded_split_and_decode_only(tiny_root, tmp_path):
     write_shards(tiny_root, "train", tmp_path / "s", samples_per_shard=2)
-    aug = TrainAugment(crop_size=(24, 40))
 
-    def take(n, **kw):
-        it = iter(TrainStream(tmp_path / "s", transform=aug, shuffle_buffer=3, **kw))
+    def take(n, shuffle_buffer=3, **kw):
+        it = iter(TrainStream(tmp_path / "s", shuffle_buffer=shuffle_buffer, **kw))
         return [next(it) for _ in range(n)]
 
     a, b = take(8, seed=1), take(8, seed=1)
     assert [s["key"] for s in a] == [s["key"] for s in b]
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b, strict=True))
     assert [s["key"] for s in take(8, seed=2)] != [s["key"] for s in a]
-    assert a[0]["image"].shape == (3, 24, 40) and a[0]["image"].dtype == torch.uint8
-    assert a[0]["label"].shape == (24, 40) and a[0]["label"].dtype == torch.int64
-    # two ranks see different samples within an epoch (3 shards >= 2 consumers: shard split)
-    r0 = {s["key"] for s in take(3, seed=1, rank=0, world_size=2, samples_per_epoch=6)}
-    r1 = {s["key"] for s in take(3, seed=1, rank=1, world_size=2, samples_per_epoch=6)}
-    assert not r0 & r1
+    # decoded at the stored size: scale, crop and flip happen on the device, batched
+    assert a[0]["image"].shape == (3, 32, 64) and a[0]["image"].dtype == torch.uint8
+    assert a[0]["label"].shape == (32, 64) and a[0]["label"].dtype == torch.uint8
+    # two ranks read different shards (3 shards >= 2 consumers: shard split)
+    r0 = {s["key"] for s in take(2, shuffle_buffer=1, seed=1, rank=0, world_size=2)}
+    r1 = {s["key"] for s in take(2, shuffle_buffer=1, seed=1, rank=1, world_size=2)}
+    assert len(r0) == len(r1) == 2 and not r0 & r1
     # resume: skipping what was consumed continues the same sequence
     assert [s["key"] for s in take(5, seed=1, skip=3)] == [s["key"] for s in take(8, seed=1)][3:]
     assert skip_for_resume(5, batch_size=2, num_workers=2) == [6, 4]
-
-
-def test_augment_pads_label_with_ignore():
-    g = torch.Generator().manual_seed(0)
-    sample = {
-        "image": torch.zeros(3, 10, 10, dtype=torch.uint8),
-        "label": torch.zeros(10, 10, dtype=torch.uint8),
-    }
-    out = TrainAugment(crop_size=(30, 30), scale_range=(1.0, 1.0), flip=False)(sample, g)
-    assert out["label"].shape == (30, 30)
-    assert (out["label"] == 255).sum() == 30 * 30 - 100
 
 
 def test_test_split_is_sharded_without_labels(tmp_path):
@@ -195,7 +178,37 @@ def test_shards_read_from_pipe_and_fsspec_urls(tiny_root, tmp_path):
     mem = fsspec.filesystem("memory")
     mem.pipe("/bucket/shard-000000.tar", shard.read_bytes())
     assert [s["key"] for s in EvalReader(["memory://bucket/shard-000000.tar"])] == local
-    it = iter(
-        TrainStream([f"pipe:cat {shard}"], transform=TrainAugment((16, 16)), shuffle_buffer=1)
-    )
-    assert next(it)["image"].shape == (3, 16, 16)
+    it = iter(TrainStream([f"pipe:cat {shard}"], shuffle_buffer=1))
+    assert next(it)["image"].shape == (3, 32, 64)
+
+
+# ----------------------------------------------------------------------------- damaged shards
+
+
+def _damage(shard: Path, key: str, member: str, how: str) -> None:
+    """Flip bytes of one member's data, or of its tar header (as a disk or a copy would)."""
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        info = tar.getmember(f"{key}.{member}")
+    start = info.offset_data if how == "data" else info.offset
+    for i in range(start + 10, start + 60):
+        data[i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["data", "header"])
+def test_damaged_val_shard_names_the_shard_and_the_key(tiny_root, tmp_path, how):
+    out = tmp_path / "val"
+    write_shards(tiny_root, "val", out, samples_per_shard=2)
+    key = "gamma_000101_000019"  # the second sample of shard 0
+    _damage(out / "shard-000000.tar", key, "label.png", how)
+    for workers in (0, 2):  # checked in the decode workers too
+        with pytest.raises(DataError) as err:
+            for _ in eval_loader(out, batch_size=2, workers=workers):
+                pass
+        assert "shard-000000.tar" in str(err.value) and key in str(err.value)
+    # an intact split reads whole, each sample once, in one or two workers alike
+    write_shards(tiny_root, "val", out, samples_per_shard=2, overwrite=True)
+    for workers in (0, 2):
+        keys = [k for batches in eval_loader(out, 2, workers) for b in batches for k in b["key"]]
+        assert sorted(keys) == sorted(s["key"] for s in EvalReader(out))

@@ -7,6 +7,7 @@ Nothing downstream hard-codes Cityscapes: stages look a `DatasetSpec` up by name
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -67,32 +68,88 @@ class DatasetSpec:
         return lut[train_ids]
 
 
-def _cityscapes() -> DatasetSpec:
-    # The official table (cityscapesscripts.helpers.labels): 19 evaluated classes,
-    # everything else 255. License plate has id -1: it never appears in labelIds PNGs
-    # (it is drawn as its parent, car), so it has no slot in the 0..255 lookup.
-    from cityscapesscripts.helpers.labels import labels
+class CityscapesLabel(NamedTuple):
+    """One row of the official Cityscapes label table (cityscapesscripts.helpers.labels)."""
 
+    name: str
+    id: int  # the value in *_labelIds.png
+    train_id: int  # 0..18 for the 19 evaluated classes; 255 or -1: not trained, not evaluated
+    category: str
+    category_id: int
+    has_instances: bool
+    ignore_in_eval: bool
+    color: tuple[int, int, int]
+
+
+# The official table, copied from cityscapesscripts 2.2 (helpers/labels.py) so that training,
+# evaluation and prediction run where cityscapesscripts is not installed (a lean GPU node).
+# tests/test_adapters.py checks it row for row against cityscapesscripts where it is.
+CITYSCAPES_LABELS: tuple[CityscapesLabel, ...] = tuple(
+    CityscapesLabel(*row)
+    for row in (
+        ("unlabeled", 0, 255, "void", 0, False, True, (0, 0, 0)),
+        ("ego vehicle", 1, 255, "void", 0, False, True, (0, 0, 0)),
+        ("rectification border", 2, 255, "void", 0, False, True, (0, 0, 0)),
+        ("out of roi", 3, 255, "void", 0, False, True, (0, 0, 0)),
+        ("static", 4, 255, "void", 0, False, True, (0, 0, 0)),
+        ("dynamic", 5, 255, "void", 0, False, True, (111, 74, 0)),
+        ("ground", 6, 255, "void", 0, False, True, (81, 0, 81)),
+        ("road", 7, 0, "flat", 1, False, False, (128, 64, 128)),
+        ("sidewalk", 8, 1, "flat", 1, False, False, (244, 35, 232)),
+        ("parking", 9, 255, "flat", 1, False, True, (250, 170, 160)),
+        ("rail track", 10, 255, "flat", 1, False, True, (230, 150, 140)),
+        ("building", 11, 2, "construction", 2, False, False, (70, 70, 70)),
+        ("wall", 12, 3, "construction", 2, False, False, (102, 102, 156)),
+        ("fence", 13, 4, "construction", 2, False, False, (190, 153, 153)),
+        ("guard rail", 14, 255, "construction", 2, False, True, (180, 165, 180)),
+        ("bridge", 15, 255, "construction", 2, False, True, (150, 100, 100)),
+        ("tunnel", 16, 255, "construction", 2, False, True, (150, 120, 90)),
+        ("pole", 17, 5, "object", 3, False, False, (153, 153, 153)),
+        ("polegroup", 18, 255, "object", 3, False, True, (153, 153, 153)),
+        ("traffic light", 19, 6, "object", 3, False, False, (250, 170, 30)),
+        ("traffic sign", 20, 7, "object", 3, False, False, (220, 220, 0)),
+        ("vegetation", 21, 8, "nature", 4, False, False, (107, 142, 35)),
+        ("terrain", 22, 9, "nature", 4, False, False, (152, 251, 152)),
+        ("sky", 23, 10, "sky", 5, False, False, (70, 130, 180)),
+        ("person", 24, 11, "human", 6, True, False, (220, 20, 60)),
+        ("rider", 25, 12, "human", 6, True, False, (255, 0, 0)),
+        ("car", 26, 13, "vehicle", 7, True, False, (0, 0, 142)),
+        ("truck", 27, 14, "vehicle", 7, True, False, (0, 0, 70)),
+        ("bus", 28, 15, "vehicle", 7, True, False, (0, 60, 100)),
+        ("caravan", 29, 255, "vehicle", 7, True, True, (0, 0, 90)),
+        ("trailer", 30, 255, "vehicle", 7, True, True, (0, 0, 110)),
+        ("train", 31, 16, "vehicle", 7, True, False, (0, 80, 100)),
+        ("motorcycle", 32, 17, "vehicle", 7, True, False, (0, 0, 230)),
+        ("bicycle", 33, 18, "vehicle", 7, True, False, (119, 11, 32)),
+        ("license plate", -1, -1, "vehicle", 7, False, True, (0, 0, 142)),
+    )
+)
+CITYSCAPES_BY_NAME = {lab.name: lab for lab in CITYSCAPES_LABELS}
+
+
+def _cityscapes() -> DatasetSpec:
+    # 19 evaluated classes, everything else 255. License plate has id -1: it never appears in
+    # labelIds PNGs (it is drawn as its parent, car), so it has no slot in the 0..255 lookup.
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     valid = np.zeros(256, dtype=bool)
-    by_train: dict[int, object] = {}
-    for lab in labels:
+    by_train: dict[int, CityscapesLabel] = {}
+    for lab in CITYSCAPES_LABELS:
         if lab.id < 0:
             continue
         valid[lab.id] = True
-        if lab.trainId not in (255, -1):
-            lut[lab.id] = lab.trainId
-            by_train[lab.trainId] = lab
+        if lab.train_id not in (255, -1):
+            lut[lab.id] = lab.train_id
+            by_train[lab.train_id] = lab
     ordered = [by_train[t] for t in range(len(by_train))]
     return DatasetSpec(
         name="cityscapes",
         class_names=tuple(lab.name for lab in ordered),
-        palette=tuple(tuple(lab.color) for lab in ordered),
+        palette=tuple(lab.color for lab in ordered),
         label_to_train=lut,
         valid_label_ids=valid,
         train_to_label=tuple(lab.id for lab in ordered),
         class_categories=tuple(lab.category for lab in ordered),
-        instance_classes=tuple(bool(lab.hasInstances) for lab in ordered),
+        instance_classes=tuple(lab.has_instances for lab in ordered),
     )
 
 
@@ -166,6 +223,7 @@ def vkitti2_spec(
 
 
 _SPECS = {"cityscapes": _cityscapes, "voc": _voc, "vkitti2": vkitti2_spec}
+DATASETS = tuple(_SPECS)  # the valid `data.dataset` names
 _CACHE: dict[str, DatasetSpec] = {}
 
 

@@ -13,9 +13,8 @@ samples [i*n, (i+1)*n), and every tar header has fixed metadata (mtime 0, uid/gi
 user names, mode 0644). The split is written into a temporary sibling folder and renamed at
 the end, so a failure leaves no partial shards or manifest behind.
 
-Readers stream samples from tar URLs (local paths, `pipe:` commands, or any fsspec URL):
-`EvalReader` yields every sample exactly once in order (a disjoint slice per rank);
-`TrainStream` is the shuffled, seeded, node- and worker-split training stream.
+The manifest records every member's size and sha256: the readers (pipeline.data.readers)
+check evaluation samples against it.
 """
 
 from __future__ import annotations
@@ -26,13 +25,12 @@ import json
 import logging
 import math
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch.utils.data
 
 from pipeline.atomic import atomic_dir
 from pipeline.data.labels import DatasetSpec
@@ -330,231 +328,3 @@ def class_pixel_counts(shard_dir: Path | str) -> np.ndarray:
     table = read_manifest(shard_dir)
     counts = [c for c in table.column("class_pixels").to_pylist() if c is not None]
     return np.asarray(counts, dtype=np.int64).sum(axis=0)
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def shard_urls(source: Path | str | Sequence[str]) -> list[str]:
-    """A shard folder -> its sorted tar paths; a list of URLs is returned as is."""
-    if isinstance(source, (list, tuple)):
-        return [str(u) for u in source]
-    path = Path(source)
-    if path.is_dir():
-        urls = sorted(str(p) for p in path.glob("shard-*.tar"))
-        if not urls:
-            raise DataError(f"{path}: no shard-*.tar files")
-        return urls
-    if path.is_file():
-        return [str(path)]
-    if "://" in str(source) or str(source).startswith("pipe:"):
-        return [str(source)]
-    raise DataError(f"{source}: no such shard folder or file")
-
-
-def _open_url(url: str):
-    """Local path, `pipe:cmd`, webdataset's schemes, or any fsspec URL (s3://, gs://, ...)."""
-    from webdataset.gopen import gopen, gopen_schemes
-
-    scheme = url.split(":", 1)[0] if ("://" in url or url.startswith("pipe:")) else ""
-    if not scheme or scheme in gopen_schemes or scheme == "file":
-        return gopen(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
-
-
-def iter_raw(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) groups from one tar, in stored order."""
-    try:
-        stream = _open_url(url)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{url}: cannot open shard ({exc})") from None
-    key, group = None, {}
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, _, ext = info.name.partition(".")
-                if k != key and group:
-                    yield key, group
-                    group = {}
-                key = k
-                f = tar.extractfile(info)
-                assert f is not None
-                group[ext] = f.read()
-    except tarfile.TarError as exc:
-        raise DataError(f"{url}: corrupt shard ({exc})") from None
-    finally:
-        stream.close()
-    if group:
-        yield key, group
-
-
-def decode_sample(
-    key: str, members: dict[str, bytes], source: str = "", instance: bool = True
-) -> dict:
-    """Tar members -> {"key", "image": uint8 (3, H, W), "label": uint8 (H, W) or None,
-    "instance": int32 (H, W) or None, "meta": dict}. No resizing, ever. `instance=False`
-    skips decoding instanceIds (training does not use them)."""
-    import torch
-
-    where = f"{source}:{key}"
-    if "image.png" in members:
-        image = decode_png_bytes(members["image.png"], where)
-    elif "image.npy" in members:
-        image = np.load(io.BytesIO(members["image.npy"]), allow_pickle=False)
-    else:
-        raise DataError(f"{where}: sample has no image member")
-    if image.ndim == 3 and image.shape[2] == 4:
-        image = image[..., :3]
-    out = {
-        "key": key,
-        "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
-        "label": None,
-        "instance": None,
-        "meta": json.loads(members["json"]) if "json" in members else {},
-    }
-    if "label.png" in members:
-        out["label"] = torch.from_numpy(decode_png_bytes(members["label.png"], where))
-    if instance and "instance.png" in members:
-        out["instance"] = torch.from_numpy(
-            decode_png_bytes(members["instance.png"], where).astype(np.int32)
-        )
-    return out
-
-
-class EvalReader:
-    """Every sample exactly once, in shard order. With `world_size` > 1, rank r takes samples
-    r, r + world, ... : disjoint, no padded duplicates (the union is the whole split)."""
-
-    def __init__(self, source, rank: int = 0, world_size: int = 1) -> None:
-        self.urls = shard_urls(source)
-        self.rank, self.world_size = rank, world_size
-
-    def __iter__(self) -> Iterator[dict]:
-        i = 0
-        for url in self.urls:
-            for key, members in iter_raw(url):
-                if i % self.world_size == self.rank:
-                    yield decode_sample(key, members, url)
-                i += 1
-
-
-def _consumer() -> tuple[int, int]:
-    """(index, count) of this DataLoader worker, 0/1 outside one."""
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-class TrainStream(torch.utils.data.IterableDataset):
-    """The training stream: infinite, seeded, shuffled, split by node (rank) and DataLoader worker.
-
-    Each epoch e, the shard list is permuted with rng(seed, e); with at least as many shards
-    as consumers (ranks x workers) each consumer reads its own shards, otherwise every consumer
-    reads all shards and keeps every C-th sample. Samples pass a shuffle buffer, then
-    `transform(sample, generator)` with a generator seeded from (seed, consumer, sample index),
-    so the stream is reproducible and a resumed run can skip what it already consumed without
-    decoding it (`skip`: samples to drop per consumer, see `skip_for_resume`).
-
-    The stream never ends, so every rank always has a next batch (iteration-based training, no
-    hang at an epoch end); `samples_per_epoch` cuts it into epochs of equal size per consumer.
-    """
-
-    def __init__(
-        self,
-        source,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle_buffer: int = 64,
-        transform: Callable | None = None,
-        samples_per_epoch: int | None = None,
-        skip: Sequence[int] | int = 0,
-    ) -> None:
-        self.urls = shard_urls(source)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle_buffer = max(1, shuffle_buffer)
-        self.transform = transform
-        self.samples_per_epoch = samples_per_epoch
-        self.skip = skip
-
-    epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch-sized mode: start the next iteration at this epoch's shard order. A resume
-        `skip` belongs to the epoch the stream was made for, not to later ones."""
-        if epoch != self.epoch:
-            self.skip = 0
-        self.epoch = epoch
-
-    def _raw_epochs(self, consumer: int, consumers: int) -> Iterator[tuple[str, str, dict]]:
-        epoch = self.epoch
-        while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
-            urls = [self.urls[i] for i in order]
-            if len(urls) >= consumers:
-                mine = urls[consumer::consumers]
-                for url in mine:
-                    for key, members in iter_raw(url):
-                        yield url, key, members
-            else:
-                i = 0
-                for url in urls:
-                    for key, members in iter_raw(url):
-                        if i % consumers == consumer:
-                            yield url, key, members
-                        i += 1
-            epoch += 1
-
-    def __iter__(self) -> Iterator[dict]:
-        import torch
-
-        worker, workers = _consumer()
-        consumer = self.rank * workers + worker
-        consumers = self.world_size * workers
-        rng = np.random.default_rng([self.seed, consumer, self.epoch, 7])
-        skip = self.skip if isinstance(self.skip, int) else self.skip[worker]
-        per_epoch = None
-        if self.samples_per_epoch:
-            per_epoch = max(1, self.samples_per_epoch // consumers)
-        buffer: list = []
-        produced = 0
-        for item in self._raw_epochs(consumer, consumers):
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            j = int(rng.integers(len(buffer)))
-            item, buffer[j] = buffer[j], item
-            if produced >= skip:
-                url, key, members = item
-                sample = decode_sample(key, members, url, instance=False)
-                if self.transform is not None:
-                    g = torch.Generator().manual_seed(
-                        int(
-                            np.random.default_rng(
-                                [self.seed, consumer, self.epoch, produced]
-                            ).integers(2**62)
-                        )
-                    )
-                    sample = self.transform(sample, g)
-                yield sample
-            produced += 1
-            if per_epoch and produced >= per_epoch:
-                return
-
-    def __len__(self) -> int:
-        if not self.samples_per_epoch:
-            raise TypeError("TrainStream is infinite unless samples_per_epoch is set")
-        return self.samples_per_epoch // self.world_size
-
-
-def skip_for_resume(batches_done: int, batch_size: int, num_workers: int) -> list[int]:
-    """Samples each DataLoader worker already produced after `batches_done` batches.
-
-    A DataLoader over an IterableDataset takes batch b from worker b % num_workers, each batch
-    from one worker; so worker w made ceil((batches_done - w) / num_workers) batches.
-    """
-    n = max(1, num_workers)
-    return [max(0, -(-(batches_done - w) // n)) * batch_size for w in range(n)]

@@ -39,11 +39,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from cityscapesscripts.helpers.labels import name2label
 from PIL import Image, ImageDraw
 
 from pipeline.atomic import atomic_dir
-from pipeline.data.labels import get_spec
+from pipeline.data.labels import CITYSCAPES_BY_NAME, get_spec
 from pipeline.data.pngio import encode_png
 from pipeline.errors import ConfigError, DataError
 
@@ -56,7 +55,7 @@ CITIES = {
 SUMMARY_FILE = "synth.json"  # marks a synthetic root; `overwrite` replaces only such roots
 FRAME = 19  # Cityscapes annotates frame 19 of each 30-frame snippet
 
-_ID = {name: lab.id for name, lab in name2label.items()}
+_ID = {name: lab.id for name, lab in CITYSCAPES_BY_NAME.items()}
 _SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 ProgressFn = Callable[[int, int], None]

@@ -19,6 +19,10 @@ def save_atomic(obj: dict, path: Path | str) -> Path:
     return path
 
 
+# model_config keys of checkpoints written before they named the part they configure
+_RENAMED = {"separable": "separable_head", "multi_grid": "resnet_multi_grid"}
+
+
 def load(path: Path | str, map_location="cpu") -> dict:
     """Load a checkpoint with weights_only=True; errors name the file."""
     path = Path(path)
@@ -32,6 +36,8 @@ def load(path: Path | str, map_location="cpu") -> dict:
         ) from None
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' entry)")
+    if obj.get("model_config"):
+        obj["model_config"] = {_RENAMED.get(k, k): v for k, v in obj["model_config"].items()}
     return obj
 
 
@@ -90,6 +96,7 @@ def average_checkpoints(paths: list[Path | str], out: Path | str) -> Path:
         "model_config": first.get("model_config"),
         "output_stride": first.get("output_stride"),
         "params": first.get("params"),
+        "dataset": first.get("dataset"),
         "averaged_from": [str(p) for p in paths],
         "step": max(int(c.get("step", 0)) for c in ckpts),
     }

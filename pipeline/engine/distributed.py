@@ -7,8 +7,8 @@ gloo on CPU. Outside torchrun (no WORLD_SIZE, or 1) it does nothing, so the same
 in one process. The train loop and `evaluate` then read rank and world size from
 torch.distributed; nothing here knows about params files or the CLI.
 
-    python -m torch.distributed.run --nproc-per-node 2 -m pipeline.engine.distributed \
-        eval --checkpoint outputs/train/best.pt --shards data/shards/val --out outputs/eval
+`seg train --gpus N` and `seg eval --gpus N` start the workers (stages/launch.py); N = 1 is a
+one-process group, the multi-GPU code path (NCCL, DDP, SyncBatchNorm) on one GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,29 +38,22 @@ class DistInfo:
     device: torch.device | None = None  # None: whatever the caller resolves
 
 
-def env_info() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) outside it."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def in_worker() -> bool:
-    """True inside a multi-process torchrun worker (RANK set and WORLD_SIZE > 1)."""
-    return "RANK" in os.environ and env_info()[1] > 1
+    """True inside a torchrun worker (torchrun sets RANK, also for one process)."""
+    return "RANK" in os.environ
 
 
 def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group torchrun describes; a no-op when WORLD_SIZE is unset or 1.
+    """Join the process group torchrun describes; a no-op outside torchrun.
 
     `device` is the training device setting (auto | cpu | cuda): CUDA gets NCCL and
     `torch.cuda.set_device(LOCAL_RANK)` (one GPU per process, so DDP, SyncBatchNorm and
     `torch.cuda.current_device()` agree); CPU gets gloo.
     """
-    rank, world, local_rank = env_info()
-    if world <= 1:
+    if not in_worker():
         return DistInfo()
+    rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("device cuda: no CUDA device here; use -S train.device=cpu (gloo)")
@@ -94,6 +86,11 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def is_distributed() -> bool:
+    """A process group is set up (torchrun, also with one process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world_size) of the initialised process group, (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -106,79 +103,12 @@ def is_main() -> bool:
     return rank_world()[0] == 0
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def local_device(name: str = "auto") -> torch.device:
+    """This process's device for `name` (auto | cpu | cuda): under torchrun on CUDA, the GPU
+    init_from_env made current (LOCAL_RANK); else pipeline.engine.device.resolve_device."""
+    from pipeline.engine.device import resolve_device
 
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate_checkpoint(
-    checkpoint: Path | str,
-    shards: Path | str,
-    dataset: str = "cityscapes",
-    device: str = "auto",
-    batch_size: int = 1,
-    output_stride: int | None = None,
-    opts=None,
-) -> tuple[dict, object]:
-    """Score a checkpoint on shards, each rank a disjoint slice, confusion matrices summed
-    across ranks (every rank returns the same result). Call `init_from_env` first."""
-    from pipeline.data.labels import get_spec
-    from pipeline.engine.checkpoint import build_from_checkpoint
-    from pipeline.engine.evaluate import InferenceOptions, evaluate, resolve_device
-
-    rank, world = rank_world()
-    dev = resolve_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    model, _ = build_from_checkpoint(checkpoint, dev, output_stride=output_stride)
-    return evaluate(
-        model, shards, get_spec(dataset), dev, opts or InferenceOptions(), batch_size=batch_size,
-        rank=rank, world_size=world,
-    )  # fmt: skip
-
-
-def _main(argv: list[str] | None = None) -> int:
-    """`eval` entry point for torchrun workers: rank 0 writes metrics.json and confusion.json."""
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(prog="python -m pipeline.engine.distributed")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ev = sub.add_parser("eval", help="evaluate a checkpoint on shards, one slice per rank")
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--shards", required=True)
-    ev.add_argument("--out", required=True, help="folder for metrics.json, confusion.json")
-    ev.add_argument("--dataset", default="cityscapes")
-    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ev.add_argument("--batch-size", type=int, default=1)
-    ev.add_argument("--output-stride", type=int, default=None)
-    args = ap.parse_args(argv)
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    info = init_from_env(args.device)
-    try:
-        metrics, acc = evaluate_checkpoint(
-            args.checkpoint, args.shards, args.dataset, args.device, args.batch_size,
-            args.output_stride,
-        )  # fmt: skip
-        if info.rank == 0:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            metrics["world_size"] = info.world_size
-            for name, data in (
-                ("metrics.json", metrics),
-                ("confusion.json", {"matrix": acc.confusion.cpu().tolist()}),
-            ):
-                tmp = out / f".{name}.tmp"
-                tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-                os.replace(tmp, out / name)
-    finally:
-        cleanup()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
+    device = resolve_device(name)
+    if device.type == "cuda" and dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device

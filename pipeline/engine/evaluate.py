@@ -1,25 +1,28 @@
-"""Evaluation of a model on shards, and prediction of image files.
+"""Evaluation of a model on shards, at the stored resolution (1024x2048 for Cityscapes): no
+resizing of the ground truth, ever.
 
-Images are evaluated at their stored resolution (1024x2048 for Cityscapes): no resizing of
-the ground truth, ever. Predictions are compared to train ids; instanceIds, where the shards
-have them, feed the Cityscapes iIoU.
+DataLoader workers read, verify (against the manifest's sha256) and decode the frames, labels
+and instanceIds; the evaluating process moves each batch of full-resolution frames to the
+device, predicts under autocast (bf16 on GPUs that have it) and adds it to a confusion matrix
+that stays on the device (instanceIds feed the Cityscapes iIoU). Training validates through
+the same function.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.data.labels import DatasetSpec
-from pipeline.data.shards import EvalReader
+from pipeline.data.readers import eval_loader
 from pipeline.data.transforms import normalize
-from pipeline.engine.inference import predict_probs
+from pipeline.engine.device import autocast
+from pipeline.engine.distributed import is_distributed
+from pipeline.engine.inference import predict_scores
 from pipeline.errors import DataError
 from pipeline.metrics import SegMetrics
 
@@ -33,12 +36,15 @@ class InferenceOptions:
     stride: tuple[int, int] = (768, 768)
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    amp: torch.dtype | None = None  # autocast dtype (pipeline.engine.device.amp_setting)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def prepare_for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model on `device` in eval mode; channels-last on CUDA (cuDNN's fast layout)."""
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def predict_batch(
@@ -46,23 +52,14 @@ def predict_batch(
 ) -> torch.Tensor:
     """uint8 (B, 3, H, W) on the model's device -> (B, H, W) int64 train ids."""
     x = normalize(images_uint8)
-    probs = predict_probs(
-        model, x, num_classes, mode=opts.mode, crop=opts.crop, stride=opts.stride,
-        scales=opts.scales, flip=opts.flip,
-    )  # fmt: skip
-    return probs.argmax(1)
-
-
-def _batches(samples: Iterable[dict], batch_size: int):
-    """Group samples of equal size into batches (no resizing, no padding)."""
-    batch: list[dict] = []
-    for s in samples:
-        if batch and (len(batch) == batch_size or batch[0]["image"].shape != s["image"].shape):
-            yield batch
-            batch = []
-        batch.append(s)
-    if batch:
-        yield batch
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, opts.amp):
+        scores = predict_scores(
+            model, x, num_classes, mode=opts.mode, crop=opts.crop, stride=opts.stride,
+            scales=opts.scales, flip=opts.flip,
+        )  # fmt: skip
+    return scores.argmax(1)
 
 
 @torch.no_grad()
@@ -73,135 +70,49 @@ def evaluate(
     device: torch.device,
     opts: InferenceOptions = InferenceOptions(),
     batch_size: int = 1,
+    workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
     progress: Callable[[int, int | None], None] | None = None,
-    total: int | None = None,
 ) -> tuple[dict, SegMetrics]:
     """Score `model` on every sample of `shards` once. With world_size > 1, each rank scores a
     disjoint part and the confusion matrices are all-reduced (torch.distributed must be set up).
     Returns (metrics dict, the SegMetrics holding the confusion matrix)."""
     model.eval()
     metrics = SegMetrics.from_spec(spec, device=device)
-    reader = EvalReader(shards, rank=rank, world_size=world_size)
-    done, t0, pixels = 0, time.perf_counter(), 0
-    for batch in _batches(reader, batch_size):
-        images = torch.stack([s["image"] for s in batch]).to(device, non_blocking=True)
-        if any(s["label"] is None for s in batch):
-            raise ValueError(
-                f"{batch[0]['key']}: sample has no label; cannot evaluate a test split"
-            )
-        labels = torch.stack([s["label"] for s in batch]).to(device)
-        pred = predict_batch(model, images, spec.num_classes, opts)
-        instances = None
-        if all(s["instance"] is not None for s in batch) and spec.instance_classes is not None:
-            instances = torch.stack([s["instance"] for s in batch]).to(device)
-        metrics.update(pred, labels, instances)
-        done += len(batch)
-        pixels += labels.numel()
+    use_instances = bool(spec.instance_classes and any(spec.instance_classes))
+    loader = eval_loader(
+        shards, batch_size, workers, rank, world_size, pin_memory=device.type == "cuda",
+        instance=use_instances,
+    )  # fmt: skip
+    total = loader.dataset.num_samples()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    done, t0 = 0, time.perf_counter()
+    for batches in loader:  # frames of one size per batch (see collate_eval)
+        for b in batches:
+            if b["label"] is None:
+                raise DataError(
+                    f"{shards}: {b['key'][0]}: sample has no label; cannot evaluate a test split"
+                )
+            images = b["image"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
+            labels = b["label"].to(device, non_blocking=True)  # (B, H, W) uint8
+            instances = b["instance"]  # (B, H, W) int32 or None
+            if instances is not None:
+                instances = instances.to(device, non_blocking=True)
+            metrics.update(predict_batch(model, images, spec.num_classes, opts), labels, instances)
+            done += len(b["key"])
         if progress:
             progress(done, total)
-    if world_size > 1:
-        import torch.distributed as dist
-
+    if is_distributed():  # every rank scored its slice: sum the counts
         for t in metrics.tensors():
-            dist.all_reduce(t)
+            torch.distributed.all_reduce(t)
     result = metrics.compute()
     seconds = time.perf_counter() - t0
     result["images"] = int(metrics.counts[0])
     result["seconds"] = seconds
-    log.info("evaluated %d images in %.1fs", done, seconds)
+    result["images_per_s"] = result["images"] / max(seconds, 1e-9)
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    log.info("evaluated %d images in %.1fs", result["images"], seconds)
     return result, metrics
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files, folders (recursive) or globs -> sorted image paths."""
-    import glob
-
-    out: set[Path] = set()
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out.update(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            out.add(p)
-        else:
-            matches = [Path(m) for m in glob.glob(item, recursive=True)]
-            if not matches:
-                raise DataError(f"{item}: no such file, folder or matching glob")
-            out.update(m for m in matches if m.is_file())
-    if not out:
-        raise DataError(f"no images found in {', '.join(inputs)}")
-    return sorted(out)
-
-
-def output_stem(path: Path) -> str:
-    name = path.stem
-    return name[: -len("_leftImg8bit")] if name.endswith("_leftImg8bit") else name
-
-
-@torch.no_grad()
-def predict_files(
-    model: torch.nn.Module,
-    paths: Sequence[Path],
-    out_dir: Path,
-    spec: DatasetSpec,
-    device: torch.device,
-    opts: InferenceOptions = InferenceOptions(),
-    batch_size: int = 1,
-    outputs: Sequence[str] = ("trainids", "labelids", "color", "overlay"),
-    progress: Callable[[int, int], None] | None = None,
-) -> list[Path]:
-    """Write `{stem}_{trainIds,labelIds,color,overlay}.png` per image into out_dir.
-
-    labelIds is the Cityscapes test-server format; color uses the dataset palette; overlay
-    blends it over the image (50 %). Each PNG is written to a temporary name, then renamed.
-    """
-    from pipeline.data.pngio import read_png
-
-    model.eval()
-    stems: dict[str, Path] = {}
-    for p in paths:
-        if output_stem(p) in stems:
-            raise DataError(
-                f"{p} and {stems[output_stem(p)]}: same name, their outputs would collide"
-            )
-        stems[output_stem(p)] = p
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    samples = (
-        {"path": p, "image": torch.from_numpy(read_png(p, "RGB")).permute(2, 0, 1)} for p in paths
-    )
-    done = 0
-    for batch in _batches(samples, batch_size):
-        images = torch.stack([s["image"] for s in batch]).to(device)
-        pred = predict_batch(model, images, spec.num_classes, opts).to(torch.uint8).cpu().numpy()
-        for s, train_ids in zip(batch, pred, strict=True):
-            stem = output_stem(s["path"])
-            files = {}
-            if "trainids" in outputs:
-                files["trainIds"] = train_ids
-            if "labelids" in outputs:
-                files["labelIds"] = spec.to_label_ids(train_ids)
-            color = spec.colorize(train_ids)
-            if "color" in outputs:
-                files["color"] = color
-            if "overlay" in outputs:
-                img = s["image"].permute(1, 2, 0).numpy()
-                files["overlay"] = ((img.astype(np.uint16) + color) // 2).astype(np.uint8)
-            for kind, arr in files.items():
-                written.append(_write_png_atomic(arr, out_dir / f"{stem}_{kind}.png"))
-        done += len(batch)
-        if progress:
-            progress(done, len(paths))
-    return written
-
-
-def _write_png_atomic(array: np.ndarray, path: Path) -> Path:
-    from pipeline.atomic import atomic_write
-    from pipeline.data.pngio import encode_png
-
-    return atomic_write(path, encode_png(array, compress_level=3))

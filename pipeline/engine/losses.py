@@ -61,8 +61,9 @@ class SegLoss(nn.Module):
         if self.ohem:
             valid = valid & self._hard_pixels(logits, target, valid)
         if self.class_weights is not None:
-            # PyTorch's weighted mean divides by the weights of the valid targets
-            denom = self.class_weights[target.clamp(max=self.num_classes - 1)][valid].sum()
+            # PyTorch's weighted mean divides by the weights of the valid targets (a product
+            # with the mask, not a masked selection: that would wait for the GPU)
+            denom = (self.class_weights[target.clamp(max=self.num_classes - 1)] * valid).sum()
         else:
             denom = valid.sum()
         return (pixel * valid).sum() / denom.clamp(min=1)
@@ -70,17 +71,13 @@ class SegLoss(nn.Module):
     @torch.no_grad()
     def _hard_pixels(self, logits, target, valid) -> torch.Tensor:
         """mmseg's OHEMPixelSampler: keep pixels whose true-class probability is below
-        `thresh`, and at least `min_kept` of the hardest ones."""
-        prob = logits.softmax(1).gather(1, target.clamp(max=self.num_classes - 1).unsqueeze(1))[
-            :, 0
-        ]
-        prob = prob.masked_fill(~valid, 1.0)
-        n_valid = int(valid.sum())
-        k = min(self.ohem_min_kept, n_valid)
-        thresh = self.ohem_thresh
-        if k > 0:
-            kth = prob.flatten().kthvalue(k).values.item()
-            thresh = max(thresh, kth)
+        `thresh`, and at least `min_kept` of the hardest ones. All on the device: the k-th
+        smallest probability is read from a sort at a tensor index, never copied to the host."""
+        true = target.clamp(max=self.num_classes - 1).unsqueeze(1)
+        prob = logits.softmax(1).gather(1, true)[:, 0].masked_fill(~valid, 1.0)
+        k = torch.clamp(valid.sum(), max=self.ohem_min_kept)  # min(min_kept, valid pixels)
+        kth = prob.flatten().sort().values[(k - 1).clamp(min=0)]
+        thresh = torch.where(k > 0, kth.clamp(min=self.ohem_thresh), self.ohem_thresh)
         return prob <= thresh
 
     def dice(self, logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

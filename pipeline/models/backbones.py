@@ -30,11 +30,9 @@ from torchvision.models import (
 from torchvision.models._utils import IntermediateLayerGetter
 
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.models.catalog import BACKBONES, OUTPUT_STRIDES
 
 log = logging.getLogger(__name__)
-
-BACKBONES = ("resnet50", "resnet101", "mobilenet_v3_large", "xception65")
-OUTPUT_STRIDES = (8, 16, 32)
 
 
 def check_output_stride(output_stride: int) -> int:

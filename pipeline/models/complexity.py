@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.errors import ConfigError
-from pipeline.models.backbones import BACKBONES, check_output_stride
-from pipeline.models.deeplab import ARCHS, build_model
+from pipeline.models.backbones import check_output_stride
+from pipeline.models.catalog import ARCHS, BACKBONES
+from pipeline.models.deeplab import build_model
 
 # Multiply-adds the DeepLabV3+ paper reports at 513x513 (PASCAL VOC, 21 classes), single
 # scale, no flip. Key: (arch, backbone, output_stride, separable).
@@ -94,7 +95,7 @@ def measure(
             backbone,
             num_classes=num_classes,
             output_stride=output_stride,
-            separable=separable,
+            separable_head=separable,
         )
     paper = None
     if (h, w) == PAPER_INPUT_SIZE:

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pipeline.errors import ConfigError
-from pipeline.models.backbones import BACKBONES, build_backbone, check_output_stride
+from pipeline.models.backbones import build_backbone, check_output_stride
+from pipeline.models.catalog import ARCHS, BACKBONES
 from pipeline.models.heads import ASPP, DeepLabV3Head, DeepLabV3PlusHead, FCNHead
 
-ARCHS = ("deeplabv3", "deeplabv3plus")
 # DeepLabV3 paper, Sec. 3.3: rates (6, 12, 18) at output stride 16, doubled at 8
 ASPP_RATES_OS16 = (6, 12, 18)
 
@@ -114,18 +114,19 @@ def build_model(
     num_classes: int = 19,
     output_stride: int = 16,
     aux_head: bool = False,
-    separable: bool = False,
+    separable_head: bool = False,
     pretrained_backbone: str | Path | None = None,
-    multi_grid: Sequence[int] | None = (1, 2, 4),
+    resnet_multi_grid: Sequence[int] | None = (1, 2, 4),
     aspp_rates: Sequence[int] | None = None,
 ) -> DeepLabV3 | DeepLabV3Plus:
     """Build a DeepLabV3 / DeepLabV3+ model.
 
     arch: one of ARCHS; backbone: one of BACKBONES; output_stride: 8, 16 or 32.
     aux_head: add the auxiliary FCN head (its output is returned in training mode only).
-    separable: depthwise-separable 3x3 convs in ASPP and decoder (the paper's "SC").
+    separable_head: depthwise-separable 3x3 convs in the head, ASPP and decoder (the paper's
+        "SC").
     pretrained_backbone: None, "imagenet" (torchvision's weights) or a local state_dict path.
-    multi_grid: unit rates of ResNet's layer4 (DeepLabV3 paper, Sec. 3.2); None gives
+    resnet_multi_grid: unit rates of ResNet's layer4 (DeepLabV3 paper, Sec. 3.2); None gives
         torchvision's dilation scheme. Ignored by MobileNetV3 and Xception (which the
         DeepLabV3+ paper trains without multi-grid).
     aspp_rates: the three ASPP atrous rates at `output_stride`; None gives (6, 12, 18) at
@@ -152,15 +153,15 @@ def build_model(
         output_stride=output_stride,
         low_level=plus,
         aux=aux_head,
-        multi_grid=multi_grid,
+        multi_grid=resnet_multi_grid,
         pretrained=pretrained_backbone,
     )
     rates = aspp_rates if aspp_rates is not None else default_aspp_rates(output_stride)
     aux = FCNHead(body.aux_channels, num_classes) if aux_head else None
     if plus:
         head = DeepLabV3PlusHead(
-            body.out_channels, body.low_level_channels, num_classes, rates, separable
+            body.out_channels, body.low_level_channels, num_classes, rates, separable_head
         )
         return DeepLabV3Plus(body, head, aux, backbone_name=backbone, aspp_rates=aspp_rates)
-    head = DeepLabV3Head(body.out_channels, num_classes, rates, separable)
+    head = DeepLabV3Head(body.out_channels, num_classes, rates, separable_head)
     return DeepLabV3(body, head, aux, backbone_name=backbone, aspp_rates=aspp_rates)

@@ -14,6 +14,12 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-S", help="Override a param, e.g. -S train.lr=0.02 (repeatable)."),
 ]
+NnodesOpt = Annotated[int, typer.Option(help="Nodes in a multi-node run.")]
+NodeRankOpt = Annotated[int, typer.Option(help="This node's index (0 is the master).")]
+MasterAddrOpt = Annotated[str | None, typer.Option(help="Address of node 0 (multi-node runs).")]
+MasterPortOpt = Annotated[
+    int | None, typer.Option(help="Port on node 0 (default: a free port on one node).")
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -60,33 +66,28 @@ def train(
     gpus: Annotated[
         int,
         typer.Option(
-            help="Processes per node, one per GPU, via torchrun (0/1: this process). "
-            "Without CUDA, -S train.device=cpu runs N gloo processes on CPU."
+            help="Processes per node, one per GPU, via torchrun (0: this process, no process "
+            "group; 1: a one-process group). Without CUDA, -S train.device=cpu runs N gloo "
+            "processes on CPU."
         ),
     ] = 0,
-    nnodes: Annotated[int, typer.Option(help="Nodes in a multi-node run.")] = 1,
-    node_rank: Annotated[int, typer.Option(help="This node's index (0 is the master).")] = 0,
-    master_addr: Annotated[
-        str | None, typer.Option(help="Address of node 0 (multi-node runs).")
-    ] = None,
-    master_port: Annotated[
-        int | None, typer.Option(help="Port on node 0 (default: a free port on one node).")
-    ] = None,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = None,
+    master_port: MasterPortOpt = None,
 ) -> None:
     """Train DeepLabV3/V3+ on the training shards, validating and checkpointing as it goes."""
     from pipeline.engine import distributed
-    from stages import steps
+    from stages import launch, steps
     from stages.progress import console, progress_bar
 
     p = steps.load(params, set_)
-    mode = "auto" if auto_resume else resume
-    if (gpus > 1 or nnodes > 1) and not distributed.in_worker():
-        from stages import launch
-
+    mode = (
+        steps.Resume.AUTO if auto_resume else steps.Resume.CONTINUE if resume else steps.Resume.NEW
+    )
+    if (gpus or nnodes > 1) and not distributed.in_worker():
         topo = launch.Topology(max(gpus, 1), nnodes, node_rank, master_addr, master_port)
-        code = launch.launch_train(topo, params, set_, mode, p.train.device)
-        if code:
-            raise typer.Exit(code)
+        _exit_with(launch.launch(topo, launch.train_args(params, set_, mode), p.train.device))
         return
     rank = distributed.init_from_env(p.train.device).rank  # no-op outside torchrun
     try:
@@ -131,9 +132,17 @@ def evaluate(
         Path | None, typer.Option(help="With --predictions: the Cityscapes root holding gtFine/.")
     ] = None,
     split: Annotated[str, typer.Option(help="With --predictions: the gtFine split.")] = "val",
+    gpus: Annotated[
+        int,
+        typer.Option(
+            help="Processes, one per GPU, via torchrun, each scoring a slice (0: this process)."
+            " Without CUDA, -S evaluate.device=cpu runs N gloo processes."
+        ),
+    ] = 0,
 ) -> None:
     """Evaluate a checkpoint on full-resolution shards, or score existing predictions (--predictions)."""
-    from stages import steps
+    from pipeline.engine import distributed
+    from stages import launch, steps
     from stages.progress import console, progress_bar
 
     if predictions is not None:
@@ -143,11 +152,35 @@ def evaluate(
             metrics = steps.score_predictions(
                 predictions, gt, split, "cityscapes", out, progress=update
             )
-    else:
-        p = steps.load(params, set_)
-        with progress_bar("eval") as update:
-            metrics = steps.evaluate(p, checkpoint, shards, out, progress=update)
-    _print_metrics(console, metrics)
+        _print_metrics(console, metrics)
+        return
+    p = steps.load(params, set_)
+    if gpus and not distributed.in_worker():
+        extra = [
+            f"--{k}={v}"
+            for k, v in (("checkpoint", checkpoint), ("shards", shards), ("out", out))
+            if v
+        ]
+        args = launch.worker_args("eval", params, set_, *extra)
+        _exit_with(launch.launch(launch.Topology(gpus), args, p.evaluate.device))
+        return
+    rank = distributed.init_from_env(p.evaluate.device).rank  # no-op outside torchrun
+    try:
+        if rank == 0:
+            with progress_bar("eval") as update:
+                metrics = steps.evaluate(p, checkpoint, shards, out, progress=update)
+        else:
+            metrics = steps.evaluate(p, checkpoint, shards, out)
+    finally:
+        distributed.cleanup()
+    if rank == 0:
+        _print_metrics(console, metrics)
+
+
+def _exit_with(code: int) -> None:
+    """torchrun's exit code is the command's (its workers printed their own errors)."""
+    if code:
+        raise typer.Exit(code)
 
 
 def _print_metrics(console, metrics: dict) -> None:
@@ -181,6 +214,9 @@ def predict(
     output_stride: Annotated[int | None, typer.Option(help="Run at this output stride.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch (same-size images).")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    amp: Annotated[
+        str, typer.Option(help="auto (bf16 on GPUs that have it, off on CPU), bf16, fp16, off.")
+    ] = "auto",
     output: Annotated[
         list[str] | None,
         typer.Option(
@@ -191,12 +227,9 @@ def predict(
     """Segment images: writes {name}_trainIds/_labelIds/_color/_overlay.png per image."""
     from pipeline.data.labels import get_spec
     from pipeline.engine.checkpoint import build_from_checkpoint, check_classes
-    from pipeline.engine.evaluate import (
-        InferenceOptions,
-        expand_inputs,
-        predict_files,
-        resolve_device,
-    )
+    from pipeline.engine.device import amp_setting, resolve_device
+    from pipeline.engine.evaluate import InferenceOptions, prepare_for_inference
+    from pipeline.engine.predict import OUTPUTS, expand_inputs, predict_files
     from stages.progress import console, progress_bar
 
     if mode not in ("whole", "slide"):
@@ -204,26 +237,20 @@ def predict(
     from pipeline.params import check_inference
 
     check_inference(crop, stride, scales or (1.0,), batch_size, "--")
-    kinds = ("trainids", "labelids", "color", "overlay")
-    if any(o not in kinds for o in output or ()):
-        raise typer.BadParameter(f"--output {output}: valid: {', '.join(kinds)}")
+    if any(o not in OUTPUTS for o in output or ()):
+        raise typer.BadParameter(f"--output {output}: valid: {', '.join(OUTPUTS)}")
     dev = resolve_device(device)
     paths = expand_inputs(inputs)
-    model, ckpt = build_from_checkpoint(checkpoint, dev, output_stride=output_stride)
+    model, ckpt = build_from_checkpoint(checkpoint, "cpu", output_stride=output_stride)
+    model = prepare_for_inference(model, dev)
     spec = get_spec(dataset)
     check_classes(ckpt, spec, checkpoint)
-    opts = InferenceOptions(mode, crop, stride, tuple(scales or (1.0,)), flip)
+    opts = InferenceOptions(
+        mode, crop, stride, tuple(scales or (1.0,)), flip, amp_setting(amp, dev)[0]
+    )
     with progress_bar("predict") as update:
         written = predict_files(
-            model,
-            paths,
-            out,
-            get_spec(dataset),
-            dev,
-            opts,
-            batch_size,
-            tuple(output or kinds),
-            update,
+            model, paths, out, spec, dev, opts, batch_size, tuple(output or OUTPUTS), update
         )
     console.print(f"{len(paths)} image(s) -> {len(written)} files in {out}")
 

@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from pipeline.errors import ConfigError
+from pipeline.models.catalog import ARCHS
 from stages.errors import cli_errors
-
-_ARCHS = ("deeplabv3", "deeplabv3plus")  # listed here too so `seg models --help` needs no torch
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -49,7 +48,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         arch: Annotated[
             list[str] | None,
-            typer.Option("--arch", "-a", help=f"Only these architectures ({', '.join(_ARCHS)})."),
+            typer.Option("--arch", "-a", help=f"Only these architectures ({', '.join(ARCHS)})."),
         ] = None,
         backbone: Annotated[
             list[str] | None,

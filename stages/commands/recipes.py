@@ -46,7 +46,7 @@ def recipe(
 
     from pipeline.atomic import atomic_write
     from pipeline.errors import ConfigError, DataError
-    from pipeline.params import params_from_dict
+    from pipeline.params import params_from_dict, yaml_load
     from stages.progress import console
 
     available = sorted(p.stem for p in RECIPES.glob("*.yaml"))
@@ -54,8 +54,8 @@ def recipe(
         raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(available)}")
     if root is not None and not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
-    current = yaml.safe_load(params.read_text()) if params.is_file() else {}
-    new = merge(current, yaml.safe_load((RECIPES / f"{name}.yaml").read_text()))
+    current = yaml_load(params.read_text()) if params.is_file() else {}
+    new = merge(current, yaml_load((RECIPES / f"{name}.yaml").read_text()))
     if root is not None:
         new.setdefault("data", {})["root"] = str(root)
     params_from_dict(new)  # validate before touching the file

@@ -1,0 +1,114 @@
+"""The table of benchmarks/gpu_check.sh, from the JSON files it left in one folder.
+
+python benchmarks/gpu_report.py /tmp/gpu_check > gpu_check.md
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _rows(name: str, out: Path) -> dict:
+    data = _json(out / f"{name}.json")
+    return {r["name"].split(":")[0]: r for r in data["rows"]} if data else {}
+
+
+def _train_rate(out: Path, name: str) -> float | None:
+    """Sustained images/s of a `seg train` run: the mean of its reports after the first
+    (which holds start-up and compilation)."""
+    rates = []
+    log = out / f"{name}_log.jsonl"
+    if log.is_file():
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        rates = [r["train/images_per_s"] for r in rows if "train/images_per_s" in r]
+    else:  # DVCLive (the orchestrating side) instead of the plain log
+        tsv = out / f"{name}_images_per_s.tsv"
+        if tsv.is_file():
+            rates = [float(r["images_per_s"]) for r in csv.DictReader(tsv.open(), delimiter="\t")]
+    rates = rates[1:] if len(rates) > 1 else rates
+    return sum(rates) / len(rates) if rates else None
+
+
+def _f(x, fmt="{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def report(out: Path) -> str:
+    step, nobench = _rows("step", out), _rows("step_nobench", out)
+    loader, cv = _rows("loader_synth", out), _rows("loader_camvid", out)
+    plain, ours = step.get("plain fp32 eager"), step.get("ours")
+    lines = [
+        "| measure | measured | goal |",
+        "| --- | --- | --- |",
+    ]
+
+    def add(measure, measured, goal=""):
+        lines.append(f"| {measure} | {measured} | {goal} |")
+
+    if plain:
+        add("step, plain fp32 eager", f"{plain['images_per_s']:.1f} img/s, MFU {_f(plain.get('mfu_pct'))} %, "
+            f"peak {_f(plain.get('steady'))} GiB ({_f(plain.get('with_warmup'))} with warm-up)", "baseline")  # fmt: skip
+    if nobench.get("plain fp32 eager"):
+        r = nobench["plain fp32 eager"]
+        add("same, cudnn.benchmark off", f"{r['images_per_s']:.1f} img/s, peak {_f(r.get('steady'))} GiB "
+            f"({_f(r.get('with_warmup'))} with warm-up)", "explains the fp32 peak")  # fmt: skip
+    if ours:
+        speed = ours["images_per_s"] / plain["images_per_s"] if plain else None
+        add(f"step, {ours['name']}", f"{ours['images_per_s']:.1f} img/s ({_f(speed, '{:.2f}')}x), "
+            f"MFU {_f(ours.get('mfu_pct'))} %, peak {_f(ours.get('steady'))} GiB", ">= 2.5x, >= 20 %")  # fmt: skip
+    if loader:
+        fed = loader.get("step, fed by the shard loader", {}).get("images_per_s")
+        over = loader.get("overhead_pct", {}).get("value")
+        alone = loader.get("loader alone", {}).get("images_per_s")
+        add("step fed by the shard loader (synthetic shards)",
+            f"{_f(fed)} img/s, {_f(over, '{:+.1f}')} % step time; loader alone {_f(alone)} img/s", "<= 5 %")  # fmt: skip
+    rate = _train_rate(out, "train_synth")
+    ref = ours["images_per_s"] if ours else None
+    add("`seg train` sustained (synthetic shards, compiled)",
+        f"{_f(rate)} img/s = {_f(100 * rate / ref if rate and ref else None)} % of the step", ">= 95 %")  # fmt: skip
+    if cv:
+        res = cv.get("step, batch already on the device", {}).get("images_per_s")
+        fed = cv.get("step, fed by the shard loader", {}).get("images_per_s")
+        over = cv.get("overhead_pct", {}).get("value")
+        add(
+            "CamVid: step fed by the loader (uncompiled)",
+            f"{_f(fed)} img/s vs {_f(res)} resident ({_f(over, '{:+.1f}')} %)",
+        )
+        rate = _train_rate(out, "train_camvid")
+        add("`seg train` on CamVid (uncompiled)",
+            f"{_f(rate)} img/s = {_f(100 * rate / res if rate and res else None)} % of the step", ">= 90 %")  # fmt: skip
+    for mode in ("whole", "slide"):
+        m = _json(out / f"eval_{mode}.json")
+        if m:
+            add(f"`seg eval` {mode}, {m['images']} full-resolution frames",
+                f"{m['images_per_s']:.1f} img/s, peak {_f(m.get('peak_memory_gib'))} GiB",
+                ">= 50 img/s" if mode == "whole" else "")  # fmt: skip
+    rc = out / "train_gpus1.rc"
+    if rc.is_file():
+        add("`seg train --gpus 1` (one-process NCCL group)", "ok" if rc.read_text().strip() == "0" else "FAILED (see train_gpus1.txt)", "runs")  # fmt: skip
+    sync = _json(out / "sync.json")
+    if sync:
+        add("host syncs per step between reports", f"{sync['per_step']:.2f}", "0")
+    machine = (
+        (out / "machine.txt").read_text().strip().replace("\n", "; ")
+        if (out / "machine.txt").is_file()
+        else "?"
+    )
+    errors = (out / "errors.txt").read_text().strip() if (out / "errors.txt").is_file() else ""
+    return (
+        f"machine: {machine}\n\n"
+        + "\n".join(lines)
+        + ("\n\nerrors:\n" + errors if errors else "")
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    print(report(Path(sys.argv[1])))

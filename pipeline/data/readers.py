@@ -1,0 +1,422 @@
+"""Reading shards: the evaluation reader (every sample once, checked against the manifest)
+and the training stream (seeded, shuffled, endless), both decode-only.
+
+DataLoader workers only decode (PNG/JPEG/npy -> uint8 tensors); everything that resizes,
+crops, flips or changes colour runs batched on the training device
+(pipeline.data.transforms.BatchAugment), where it is cheap, so the loader keeps up with a
+compiled GPU step.
+
+Shards are read from tar URLs: local paths (random access: a worker skips the members it
+does not own without reading them), `file://`, `pipe:` commands and webdataset's schemes,
+or any fsspec URL (s3://, gs://, memory://).
+
+    loader = eval_loader("data/shards/val", batch_size=8, workers=8)
+    for batches in loader: ...        # a list of same-size batches, see `collate_eval`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import tarfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from pipeline.data.labels import IGNORE_INDEX
+from pipeline.data.pngio import decode_png_bytes
+from pipeline.data.shards import MANIFEST, read_manifest
+from pipeline.errors import DataError
+
+# manifest column prefix -> the tar member extensions it describes
+_MEMBERS = ("image", "label", "instance", "json")
+
+
+def shard_urls(source: Path | str | Sequence[str]) -> list[str]:
+    """A shard folder -> its sorted tar paths; a list of URLs is returned as is."""
+    if isinstance(source, (list, tuple)):
+        return [str(u) for u in source]
+    path = Path(source)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("shard-*.tar"))
+        if not urls:
+            raise DataError(f"{path}: no shard-*.tar files")
+        return urls
+    if path.is_file():
+        return [str(path)]
+    if "://" in str(source) or str(source).startswith("pipe:"):
+        return [str(source)]
+    raise DataError(f"{source}: no such shard folder or file")
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return url
+
+
+def _open_stream(url: str):
+    """`pipe:cmd`, webdataset's schemes (http, ...) or any fsspec URL, as a byte stream."""
+    from webdataset.gopen import gopen, gopen_schemes
+
+    scheme = url.split(":", 1)[0]
+    if scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def iter_raw(
+    url: str, wanted: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) groups of one tar, in stored order. With `wanted`, the members of
+    other keys are not read (skipped by seeking, for local files) and yield an empty dict."""
+    path = _local_path(url)
+    try:
+        stream = open(path, "rb") if path is not None else _open_stream(url)  # noqa: SIM115
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{url}: cannot open shard ({exc})") from None
+    key, group = None, {}
+    try:
+        # "r:" seeks past members nobody reads; "r|" reads a pipe or socket straight through
+        with tarfile.open(fileobj=stream, mode="r:" if path is not None else "r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, _, ext = info.name.partition(".")
+                if k != key and key is not None:
+                    yield key, group
+                    group = {}
+                key = k
+                if wanted is None or wanted(k):
+                    f = tar.extractfile(info)
+                    assert f is not None
+                    group[ext] = f.read()
+    except tarfile.TarError as exc:
+        raise DataError(f"{url}: corrupt shard ({exc})") from None
+    finally:
+        stream.close()
+    if key is not None:
+        yield key, group
+
+
+def decode_sample(
+    key: str, members: dict[str, bytes], source: str = "", instance: bool = True
+) -> dict:
+    """Tar members -> {"key", "image": uint8 (3, H, W), "label": uint8 (H, W) or None,
+    "instance": int32 (H, W) or None, "meta": dict}. No resizing, ever. `instance=False`
+    skips decoding instanceIds (training does not use them)."""
+    where = f"{source}:{key}"
+    if "image.png" in members:
+        image = decode_png_bytes(members["image.png"], where)
+    elif "image.npy" in members:
+        image = np.load(io.BytesIO(members["image.npy"]), allow_pickle=False)
+    else:
+        raise DataError(f"{where}: sample has no image member")
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = image[..., :3]
+    out = {
+        "key": key,
+        "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+        "label": None,
+        "instance": None,
+        "meta": json.loads(members["json"]) if "json" in members else {},
+    }
+    if "label.png" in members:
+        out["label"] = torch.from_numpy(decode_png_bytes(members["label.png"], where))
+    if instance and "instance.png" in members:
+        out["instance"] = torch.from_numpy(
+            decode_png_bytes(members["instance.png"], where).astype(np.int32)
+        )
+    return out
+
+
+def worker_context(workers: int):
+    """How DataLoader workers start: forked (fast) from a process with one thread; from a
+    clean forkserver when other threads run (an in-process Prefect flow, an HTTP client), whose
+    locks a fork would copy mid-use: such forked workers die at exit ("exited unexpectedly
+    with exit code 1" after a Prefect flow in the same process)."""
+    if workers == 0 or threading.active_count() == 1:
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.data.readers"])  # torch imported once, in the server
+    return ctx
+
+
+def _consumer() -> tuple[int, int]:
+    """(index, count) of this DataLoader worker, 0/1 outside one."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """What the manifest promises about one sample: its shard and each member's sha256."""
+
+    index: int  # position in the split (manifest order = shard order)
+    shard: str
+    sha256: dict[str, str]  # member prefix ("image", "label", ...) -> hex digest
+
+
+def _expected_samples(shard_dir: Path) -> dict[str, _Expected]:
+    table = read_manifest(shard_dir).to_pylist()
+    out: dict[str, _Expected] = {}
+    for row in table:
+        if row.get("shard") is None:  # skipped at preprocess time (`--skip-bad`)
+            continue
+        sha = {m: row[f"{m}_sha256"] for m in _MEMBERS if row.get(f"{m}_sha256")}
+        out[row["key"]] = _Expected(len(out), row["shard"], sha)
+    return out
+
+
+def _member_prefix(ext: str) -> str:
+    return ext.split(".", 1)[0]
+
+
+def check_sample(url: str, key: str, members: dict[str, bytes], expected: _Expected) -> None:
+    """Every member the manifest lists is there and has the manifest's sha256, else a
+    DataError naming the shard and the key."""
+    got = {_member_prefix(ext): data for ext, data in members.items()}
+    missing = sorted(set(expected.sha256) - set(got))
+    if missing:
+        raise DataError(
+            f"{url}: {key}: member(s) {', '.join(missing)} missing (damaged shard; rerun "
+            "`seg preprocess` for this split)"
+        )
+    for prefix, digest in expected.sha256.items():
+        if hashlib.sha256(got[prefix]).hexdigest() != digest:
+            raise DataError(
+                f"{url}: {key}: {prefix} does not match its sha256 in the manifest (damaged "
+                "shard; rerun `seg preprocess` for this split)"
+            )
+
+
+class EvalReader(torch.utils.data.IterableDataset):
+    """Every sample of a split exactly once, decoded, in shard order; usable directly or in a
+    DataLoader (workers split the samples, the loader interleaves them).
+
+    With world_size > 1, rank r takes samples r, r + world, ... : disjoint, no padded
+    duplicates (the union is the whole split). Inside a DataLoader each worker takes every
+    W-th of its rank's samples.
+
+    Reading a shard folder, the samples are checked against its manifest: each expected
+    sample arrives with all its members and their sha256 (computed in the decode workers), and
+    nothing unexpected is in the shards. A damaged shard stops the evaluation with a DataError
+    naming the shard and the key, where tar itself would end early or yield garbage silently.
+    A list of URLs (pipe:, fsspec) has no manifest and is read unchecked.
+    """
+
+    def __init__(
+        self, source, rank: int = 0, world_size: int = 1, verify: bool = True, instance=True
+    ) -> None:
+        self.urls = shard_urls(source)
+        self.rank, self.world_size = rank, world_size
+        self.instance = instance
+        folder = Path(source) if not isinstance(source, (list, tuple)) else None
+        self.expected: dict[str, _Expected] | None = None
+        if verify and folder is not None and folder.is_dir() and (folder / MANIFEST).is_file():
+            self.expected = _expected_samples(folder)
+            self.folder = folder
+
+    def num_samples(self) -> int:
+        """Samples of this rank: from the manifest, else by reading the tar headers."""
+        if self.expected is not None:
+            n = len(self.expected)
+        else:
+            n = sum(1 for url in self.urls for _ in iter_raw(url, wanted=lambda _k: False))
+        return len(range(self.rank, n, self.world_size))
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _consumer()
+
+        def mine(index: int) -> bool:  # rank r takes r, r + world, ...; its workers take turns
+            rank, turn = index % self.world_size, index // self.world_size
+            return rank == self.rank and turn % workers == worker
+
+        if self.expected is None:
+            for i, (url, key, members) in enumerate(self._all()):
+                if mine(i):
+                    yield decode_sample(key, members, url, self.instance)
+            return
+        yield from self._iter_checked({k: e for k, e in self.expected.items() if mine(e.index)})
+
+    def _all(self) -> Iterator[tuple[str, str, dict]]:
+        for url in self.urls:
+            for key, members in iter_raw(url):
+                yield url, key, members
+
+    def _iter_checked(self, mine: dict[str, _Expected]) -> Iterator[dict]:
+        assert self.expected is not None
+        shards = {e.shard for e in mine.values()}
+        seen: set[str] = set()
+        for url in self.urls:
+            if Path(url).name not in shards:
+                continue
+            for key, members in iter_raw(url, wanted=mine.__contains__):
+                if key not in self.expected:
+                    raise DataError(
+                        f"{url}: {key}: a sample the manifest does not list (damaged shard, or "
+                        f"shards and {MANIFEST} from different runs of `seg preprocess`)"
+                    )
+                if key not in mine:
+                    continue
+                check_sample(url, key, members, mine[key])
+                seen.add(key)
+                yield decode_sample(key, members, url, self.instance)
+        missing = sorted(set(mine) - seen, key=lambda k: mine[k].index)
+        if missing:
+            k = missing[0]
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise DataError(
+                f"{self.folder / mine[k].shard}: {k}{more}: missing from the shard (damaged or "
+                "truncated; rerun `seg preprocess` for this split)"
+            )
+
+
+def collate_eval(samples: list[dict]) -> list[dict]:
+    """Samples -> a list of batches, each of frames of one size (no resizing, no padding:
+    evaluation is at the stored resolution). Cityscapes' frames are all 1024x2048: one batch.
+    Each batch: {"key": [...], "image": uint8 (B, 3, H, W), "label": uint8 (B, H, W) or None,
+    "instance": int32 (B, H, W) or None}."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in samples:
+        groups.setdefault(tuple(s["image"].shape), []).append(s)
+    out = []
+    for group in groups.values():
+        batch = {
+            "key": [s["key"] for s in group],
+            "image": torch.stack([s["image"] for s in group]),
+        }
+        for name in ("label", "instance"):
+            has = [s[name] is not None for s in group]
+            batch[name] = torch.stack([s[name] for s in group]) if all(has) else None
+        out.append(batch)
+    return out
+
+
+def eval_loader(
+    source,
+    batch_size: int = 1,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    instance: bool = True,
+    verify: bool = True,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over `EvalReader`: `workers` processes read, verify and decode, the
+    caller's process only moves batches to the device."""
+    reader = EvalReader(source, rank, world_size, verify=verify, instance=instance)
+    return torch.utils.data.DataLoader(
+        reader, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval,
+        pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+        multiprocessing_context=worker_context(workers),
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """The training stream: endless, seeded, shuffled, split by node (rank) and DataLoader
+    worker; it yields decoded samples {"image": uint8 (3, H, W), "label": uint8 (H, W)}.
+
+    Each pass e over the data permutes the shard list with rng(seed, e); with at least as
+    many shards as consumers (ranks x workers) each consumer reads its own shards, otherwise
+    every consumer reads all shards and keeps every C-th sample. Samples then pass a shuffle
+    buffer with its own rng(seed, consumer). The stream is a function of (seed, consumer), so
+    a resumed run skips what it already consumed without decoding it (`skip`: samples to drop
+    per consumer, see `skip_for_resume`). It never ends, so every rank always has a next
+    batch (iteration-based training, no hang at an epoch end).
+    """
+
+    def __init__(
+        self,
+        source,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 64,
+        skip: Sequence[int] | int = 0,
+    ) -> None:
+        self.urls = shard_urls(source)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.skip = skip
+
+    def _raw_passes(self, consumer: int, consumers: int) -> Iterator[tuple[str, str, dict]]:
+        epoch = 0
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+            urls = [self.urls[i] for i in order]
+            if len(urls) >= consumers:
+                for url in urls[consumer::consumers]:
+                    for key, members in iter_raw(url):
+                        yield url, key, members
+            else:
+                i = 0
+                for url in urls:
+                    for key, members in iter_raw(url):
+                        if i % consumers == consumer:
+                            yield url, key, members
+                        i += 1
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _consumer()
+        consumer = self.rank * workers + worker
+        consumers = self.world_size * workers
+        # the shuffle buffer's rng: a stream of its own per (seed, consumer), distinct from the
+        # shard order's rng(seed, pass) by the "shuffle" tag
+        rng = np.random.default_rng([self.seed, consumer, int.from_bytes(b"shuffle", "big")])
+        skip = self.skip if isinstance(self.skip, int) else self.skip[worker]
+        buffer: list = []
+        produced = 0
+        for item in self._raw_passes(consumer, consumers):
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            j = int(rng.integers(len(buffer)))
+            item, buffer[j] = buffer[j], item
+            if produced >= skip:
+                url, key, members = item
+                yield decode_sample(key, members, url, instance=False)
+            produced += 1
+
+
+def skip_for_resume(batches_done: int, batch_size: int, num_workers: int) -> list[int]:
+    """Samples each DataLoader worker already produced after `batches_done` batches.
+
+    A DataLoader over an IterableDataset takes batch b from worker b % num_workers, each batch
+    from one worker; so worker w made ceil((batches_done - w) / num_workers) batches.
+    """
+    n = max(1, num_workers)
+    return [max(0, -(-(batches_done - w) // n)) * batch_size for w in range(n)]
+
+
+def collate_train(samples: list[dict]) -> dict:
+    """Decoded samples -> {"image": uint8 (B, 3, H, W), "label": uint8 (B, H, W),
+    "size": int64 (B, 2)}. Frames of different sizes (PASCAL VOC) are padded to the largest
+    (image 0, label ignore) and `size` keeps each one's own (h, w) for the augmentation."""
+    sizes = torch.tensor([tuple(s["image"].shape[-2:]) for s in samples], dtype=torch.int64)
+    h, w = (int(v) for v in sizes.max(0).values)
+    images = torch.zeros(len(samples), 3, h, w, dtype=torch.uint8)
+    labels = torch.full((len(samples), h, w), IGNORE_INDEX, dtype=torch.uint8)
+    for i, s in enumerate(samples):
+        sh, sw = s["image"].shape[-2:]
+        images[i, :, :sh, :sw] = s["image"]
+        labels[i, :sh, :sw] = s["label"]
+    return {"image": images, "label": labels, "size": sizes}
