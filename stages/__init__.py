@@ -1,1 +1,1 @@
-"""Orchestration: the `seg` CLI (typer) and one Prefect flow per pipeline stage."""
+"""Orchestration: the `seg` CLI (typer), the stage functions, and the Prefect flow over DVC."""

@@ -1,20 +1,34 @@
-"""The pipeline's stages as Prefect flows: one flow per stage, and `pipeline` that runs them all.
+"""The DVC graph as a Prefect flow: DVC decides what runs, Prefect schedules, retries, logs it.
 
-A flow is the sequence of its steps and nothing more; the steps are the functions in
-`stages.steps` (the same code `seg` and `dvc repro` run), wrapped as tasks. Tasks pass paths
-and small values, never tensors. Retries only where I/O can fail, and never for a `SegError`
-(a bad path or a wrong checkpoint does not fix itself). No Prefect result caching: DVC owns
-caching, so every task has `cache_policy=NO_CACHE, persist_result=False`.
+`seg-pipeline` runs the stages of dvc.yaml in graph order, one task per stage. Each task asks
+DVC whether its stage is stale (`dvc status STAGE`) and, only then, runs it
+(`dvc repro --single-item STAGE`): a run with nothing changed finishes in seconds with every
+stage reported up to date, a changed param reruns exactly the stale stages, and every result
+lands in dvc.lock, so `dvc status` and `dvc repro` know about it. The stage commands are the
+`seg` commands in dvc.yaml, so the flow, `dvc repro` and `seg` reach the same code.
 
-Without PREFECT_API_URL the flows run in Prefect's ephemeral mode (a throwaway local API);
-with it, runs show up in the Prefect UI with their parameters, logs and artifacts.
-Flow parameters are the params file and `section.key=value` overrides, read relative to the
-working directory (the project root), like every other stage.
+Locking: DVC's own locks keep two writers off the same outputs (a manual `dvc repro` while a
+flow trains fails at once, saying which process holds the outputs, and so does the flow in
+the other case); a deployment has a concurrency limit of 1, so two scheduled runs never
+overlap (`collision`: skip cancels the newcomer, queue makes it wait). DVC owns caching too:
+no Prefect result caching (`cache_policy=NO_CACHE, persist_result=False`).
+
+With overrides (`-S train.lr=0.02`) a run is an experiment, as with `dvc exp run -S`: the
+overrides are written into params.yaml (DVC's own function for that), the stale stages run,
+and the result is saved with `dvc exp save`, so it shows up in `dvc exp show`.
 """
 
 from __future__ import annotations
 
-import logging
+import contextvars
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -22,28 +36,27 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.errors import ConfigError, SegError
-from pipeline.params import Params
 from stages import steps
 
 _NO_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
-# The library logs to "seg" (e.g. whether training resumes). With
-# PREFECT_LOGGING_EXTRA_LOGGERS=seg (set by `seg flow`/`seg serve`) those records reach the run
-# logs; INFO, because the root logger's WARNING would drop them.
-logging.getLogger("seg").setLevel(logging.INFO)
-IO_RETRIES = 2  # shards and PNGs live on disks and network mounts; a second read usually works
+# synth and preprocess read and write data on disks and network mounts: a second try usually
+# works. Training is never retried (hours of compute; a rerun resumes from last.pt).
+IO_STAGES = ("synth", "preprocess")
+IO_RETRIES = 2
+# collision strategies of a deployment's concurrency limit of 1, by the name users pick
+COLLISIONS = ("skip", "queue")
 
 
 class ServerUnreachable(SegError):
     """PREFECT_API_URL is set, but no Prefect API answers there."""
 
 
-def _retry_on_io(_task, _task_run, state) -> bool:
-    """Retry an I/O failure (OSError); a user error (SegError) fails at once."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, OSError) and not isinstance(exc, SegError)
+class StageFailed(SegError):
+    """A DVC stage failed; `retryable` is False for a user error or a lock held elsewhere."""
 
-
-_IO = {"retries": IO_RETRIES, "retry_delay_seconds": 2, "retry_condition_fn": _retry_on_io}
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 # ----------------------------------------------------------------------------- server check
@@ -79,82 +92,328 @@ def check_server(timeout: float = 5.0) -> str | None:
     return url
 
 
-# ----------------------------------------------------------------------------- tasks
+# ----------------------------------------------------------------------------- the DVC side
 
 
-@task(name="synthesize", **_IO, **_NO_CACHE)
-def synthesize(p: Params) -> dict:
-    summary = steps.synth(p)
-    return {"root": summary["root"], "frames": summary["frames"], "classes": summary["classes"]}
+def project_root(path: Path | str = ".") -> Path:
+    """The DVC project holding `path` (the folder with .dvc/ and dvc.yaml)."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        return Path(Repo.find_root(str(path)))
+    except NotDvcRepoError:
+        raise ConfigError(
+            f"{Path(path).resolve()}: not in a DVC project (no .dvc/ here or above): run from "
+            "the project folder (a clone of this repository)"
+        ) from None
 
 
-@task(name="write-shards", task_run_name="write-shards-{split}", **_IO, **_NO_CACHE)
-def write_shards(p: Params, split: str) -> dict:
-    return steps.preprocess(p, split)
+def stage_plan(root: Path, targets: Sequence[str] | None = None) -> list[str]:
+    """The pipeline stages of dvc.yaml to run for `targets` (all when empty) and the stages
+    they depend on, in graph order (ties in dvc.yaml order), as DVC names them
+    (`preprocess@train`). Data sources (`.dvc` files) are left out: a change there shows up
+    as a changed dep of the stages that read them."""
+    import networkx as nx
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    with Repo(str(root)) as repo:
+        try:
+            stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+        except DvcException as exc:
+            raise ConfigError(f"{root / 'dvc.yaml'}: {exc}") from None
+        chosen = set(stages)
+        if targets:
+            chosen = set()
+            for target in targets:
+                try:
+                    chosen.update(repo.stage.collect(target, with_deps=True))
+                except DvcException:
+                    valid = ", ".join(_address(root, s) for s in stages)
+                    raise ConfigError(f"unknown stage {target!r}; valid: {valid}") from None
+        position = {s: i for i, s in enumerate(stages)}
+        # DVC's graph points from a stage to the stages it depends on: reversed, deps first
+        graph = repo.index.graph.subgraph(chosen & set(stages)).reverse(copy=True)
+        order = nx.lexicographical_topological_sort(graph, position.get)
+        return [_address(root, s) for s in order]
 
 
-class LogSink:
-    """Training callbacks -> Prefect run logs, every `every` steps (and the first and last)."""
-
-    def __init__(self, logger, every: int) -> None:
-        self.logger = logger
-        self.every = max(1, every)
-
-    def on_step(self, info: dict) -> None:
-        step, total = info["step"], info["total"]
-        if step == 1 or step % self.every == 0 or step == total:
-            self.logger.info(
-                "step %d/%d  loss %.4f  lr %.2e  %.1f img/s",
-                step, total, info["loss"], info["lr"], info["images_per_s"],
-            )  # fmt: skip
-
-    def on_eval(self, step: int, metrics: dict) -> None:
-        self.logger.info(
-            "step %d: val mIoU %.2f  pixel acc %.2f",
-            step, 100 * metrics["miou"], 100 * metrics["pixel_accuracy"],
-        )  # fmt: skip
-
-
-@task(name="train-model", retries=0, **_NO_CACHE)  # hours of compute: resume, don't retry
-def train_model(p: Params, resume: bool, log_every: int) -> dict:
-    return steps.train(
-        p,
-        resume=steps.Resume.AUTO if resume else steps.Resume.NEW,
-        sink=LogSink(get_run_logger(), log_every),
+def _address(root: Path, stage) -> str:
+    """The stage's name as `dvc repro` takes it in the project root (`preprocess@train`, or
+    `sub/dvc.yaml:name` for a dvc.yaml in a subfolder)."""
+    where = Path(stage.path).resolve().parent
+    return (
+        stage.name
+        if where == root.resolve()
+        else f"{Path(stage.path).relative_to(root)}:{stage.name}"
     )
 
 
-@task(name="train-model-torchrun", retries=0, **_NO_CACHE)
-def train_model_torchrun(params: str, overrides: list[str] | None, resume: bool, gpus: int) -> dict:
-    """The flow orchestrates, torch.distributed is the engine: `seg train` under torchrun with
-    `gpus` processes on this node; rank 0 writes the checkpoints and summary.json."""
-    import json
+def dvc_command(*args: str) -> list[str]:
+    """`dvc ARGS` of this Python environment, waiting for DVC's repo lock rather than failing
+    when another dvc holds it for a moment (`dvc status` in a shell, a lock-file update)."""
+    return [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
 
-    from pipeline.errors import SegError
-    from stages import launch
 
-    p = steps.load(params, overrides)
-    mode = steps.Resume.AUTO if resume else steps.Resume.NEW
-    args = launch.train_args(params, overrides, mode)
-    code = launch.launch(launch.Topology(gpus), args, p.train.device)
+def dvc_env() -> dict[str, str]:
+    """The stage commands (`seg ...`) resolve to this environment's `seg`, and print at once."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    return env
+
+
+def stage_changes(root: Path, stage: str) -> list:
+    """What makes `stage` stale, from `dvc status STAGE --json` ({} when up to date)."""
+    proc = subprocess.run(
+        dvc_command("status", "--json", stage), cwd=root, env=dvc_env(),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode != 0:  # e.g. its outputs are busy: another dvc is running it
+        raise StageFailed(f"dvc stage {stage}: {_dvc_error(proc.stdout + proc.stderr)}")
+    return json.loads(proc.stdout or "{}").get(stage, [])
+
+
+def describe_changes(changes) -> str:
+    """dvc status's JSON for one stage, in a line: `changed deps: params.yaml: train modified,
+    pipeline/engine/train.py modified`."""
+    parts = []
+    for item in changes:
+        if isinstance(item, str):  # "changed command", "always changed"
+            parts.append(item)
+            continue
+        for kind, paths in item.items():
+            what = []
+            for path, state in paths.items():
+                if isinstance(state, dict):  # params file -> {section: state}
+                    what += [f"{path}: {k} {v}" for k, v in state.items()]
+                else:
+                    what.append(f"{path} {state}")
+            parts.append(f"{kind}: {', '.join(what)}")
+    return "; ".join(parts)
+
+
+_BLOCKER = re.compile(r"^\s*\(PID \d+\): ")
+
+
+def _dvc_error(output: str) -> str:
+    """One line from a failed dvc command: seg's own `error:` line when the stage command
+    failed with one, else DVC's ERROR line (with the processes that hold a busy output)."""
+    lines = output.splitlines()
+    for line in lines:
+        if line.startswith("error: "):
+            return line.removeprefix("error: ")
+    for i, line in enumerate(lines):
+        if line.startswith("ERROR: "):
+            msg = line.removeprefix("ERROR: ")
+            holders: list[str] = []  # "'x' is busy, it is being blocked by:" + its holders
+            for follow in lines[i + 1 :]:
+                if not _BLOCKER.match(follow):
+                    break
+                if follow.strip() not in holders:  # DVC repeats a holder for each path
+                    holders.append(follow.strip())
+            return f"{msg.rstrip(':')} {'; '.join(holders)}" if holders else msg
+    tail = [line for line in lines if line.strip()]
+    return tail[-1] if tail else "no output"
+
+
+class TrainProgress(threading.Thread):
+    """While the train stage runs, its DVCLive rows -> run logs every `every` steps.
+
+    `seg train` writes one DVCLive row per step (outputs/train/dvclive/plots/metrics/...);
+    following those files gives the Prefect logs the training curve as it happens, without a
+    second channel from the training process.
+    """
+
+    def __init__(self, live_dir: Path, total: int, every: int, logger) -> None:
+        super().__init__(daemon=True, name="train-progress")
+        metrics = live_dir / "plots" / "metrics"
+        self.files = {
+            name: _TsvTail(metrics / f"{name}.tsv")
+            for name in ("train/loss", "train/lr", "train/images_per_s", "val/miou")
+        }
+        self.total, self.every, self.logger = total, max(1, every), logger
+        self.rows: dict[str, dict[int, float]] = {name: {} for name in self.files}
+        self.logged = 0
+        self.done = threading.Event()
+        # Prefect's settings and run context live in context variables, which a new thread
+        # does not inherit: without them its logs would not reach this run's API
+        self.context = contextvars.copy_context()
+
+    def run(self) -> None:
+        self.context.run(self._follow)
+
+    def _follow(self) -> None:
+        while not self.done.wait(2.0):
+            self.poll()
+        self.poll()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=10)
+
+    def poll(self) -> None:
+        for name, tail in self.files.items():
+            if tail.restarted():  # a new run rewrote the files
+                self.rows[name].clear()
+                self.logged = 0 if name == "train/loss" else self.logged
+            for row in tail.new_rows():
+                self.rows[name][int(row["step"])] = float(row[name.rsplit("/", 1)[1]])
+        loss, lr, ips = (self.rows[k] for k in ("train/loss", "train/lr", "train/images_per_s"))
+        for step in sorted(s for s in loss if s > self.logged and s in lr and s in ips):
+            if step == 1 or step % self.every == 0 or step == self.total:
+                self.logger.info(
+                    "step %d/%d  loss %.4f  lr %.2e  %.1f img/s",
+                    step, self.total, loss[step], lr[step], ips[step],
+                )  # fmt: skip
+            self.logged = step
+            if step in self.rows["val/miou"]:
+                self.logger.info("step %d: val mIoU %.2f", step, 100 * self.rows["val/miou"][step])
+
+
+class _TsvTail:
+    """The complete rows appended to a TSV file since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.header, self.inode = path, 0, None, None
+
+    def restarted(self) -> bool:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return False
+        if self.inode is not None and (st.st_ino != self.inode or st.st_size < self.offset):
+            self.offset, self.header, self.inode = 0, None, st.st_ino
+            return True
+        self.inode = st.st_ino
+        return False
+
+    def new_rows(self) -> list[dict[str, str]]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode("utf-8"))
+        rows = []
+        for line in complete.splitlines():
+            cells = line.split("\t")
+            if self.header is None:
+                self.header = cells
+            elif len(cells) == len(self.header):
+                rows.append(dict(zip(self.header, cells, strict=True)))
+        return rows
+
+
+def run_dvc_stage(root: Path, stage: str, logger) -> tuple[str, float]:
+    """`dvc repro --single-item STAGE`, its output streamed to `logger`. Returns how it went
+    ("ran" or "restored from the run cache") and the seconds it took."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        dvc_command("repro", "--single-item", stage), cwd=root, env=dvc_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )  # fmt: skip
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line.strip():
+            lines.append(line)
+            logger.info("%s", line)
+    code = proc.wait()
+    seconds = time.perf_counter() - t0
+    text = "\n".join(lines)
     if code != 0:
-        raise SegError(f"torchrun training with {gpus} processes exited with code {code}")
-    return json.loads((steps.train_dir(p) / "summary.json").read_text())
+        user_error = any(line.startswith("error: ") for line in lines)
+        busy = "is busy, it is being blocked by" in text or "Unable to acquire lock" in text
+        raise StageFailed(
+            f"dvc stage {stage}: {_dvc_error(text)}", retryable=not (user_error or busy)
+        )
+    cached = f"Stage '{stage}' is cached - skipping run" in text
+    return ("restored from the run cache" if cached else "ran"), seconds
 
 
-@task(name="evaluate-checkpoint", **_IO, **_NO_CACHE)
-def evaluate_checkpoint(p: Params, checkpoint: str | None) -> str:
-    """Score the checkpoint; returns the path of metrics.json (the metrics stay on disk)."""
-    steps.evaluate(p, checkpoint)
-    return str(steps.eval_dir(p) / "metrics.json")
+# ----------------------------------------------------------------------------- tasks
+
+
+def _retry_stage(_task, _task_run, state) -> bool:
+    """Retry a failed I/O stage, but not a user error or a lock held by another process."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, StageFailed) and exc.retryable
+
+
+@task(name="dvc-stage", task_run_name="{stage}", retries=0, **_NO_CACHE)
+def dvc_stage(root: str, stage: str, log_every: int = 50) -> dict:
+    """Run one DVC stage if, and only if, DVC says it is stale."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    changes = stage_changes(Path(root), stage)
+    if not changes:
+        logger.info("%s: up to date, skipped (dvc status)", stage)
+        return {"stage": stage, "result": "up to date", "why": "", "seconds": _since(t0)}
+    why = describe_changes(changes)
+    logger.info("%s: %s; running `dvc repro --single-item %s`", stage, why, stage)
+    progress = None
+    if stage == "train":
+        p = steps.load(Path(root) / "params.yaml")
+        live = Path(root) / steps.train_dir(p) / "dvclive"
+        progress = TrainProgress(live, p.train.iterations, log_every, logger)
+        progress.start()
+    try:
+        result, _ = run_dvc_stage(Path(root), stage, logger)
+    finally:
+        if progress is not None:
+            progress.stop()
+    logger.info("%s: %s in %.1f s", stage, result, _since(t0))
+    return {"stage": stage, "result": result, "why": why, "seconds": _since(t0)}
+
+
+def _since(t0: float) -> float:
+    return round(time.perf_counter() - t0, 2)
+
+
+@task(name="set-params", **_NO_CACHE)
+def set_params(root: str, overrides: list[str]) -> None:
+    """Write the overrides into params.yaml, as `dvc exp run -S` does (DVC's own function,
+    so the file keeps its layout), atomically."""
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    from pipeline.atomic import atomic_path
+
+    params = Path(root) / "params.yaml"
+    with atomic_path(params, suffix=".yaml") as tmp:
+        shutil.copy(params, tmp)
+        apply_overrides(tmp, list(overrides))
+    get_run_logger().info("params.yaml: %s", ", ".join(overrides))
+
+
+@task(name="save-experiment", **_NO_CACHE)
+def save_experiment(root: str) -> str:
+    """`dvc exp save`: the workspace's params, metrics and outputs as an experiment."""
+    proc = subprocess.run(
+        dvc_command("exp", "save"), cwd=root, env=dvc_env(), capture_output=True, text=True
+    )
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise StageFailed(f"dvc exp save: {_dvc_error(text)}")
+    found = re.search(r"Experiment has been saved as: (\S+)", text)
+    name = found.group(1) if found else ""
+    get_run_logger().info("saved experiment %s (dvc exp show lists it)", name)
+    return name
 
 
 @task(name="publish-metrics", **_NO_CACHE)
-def publish_metrics(metrics_json: str) -> dict:
+def publish_metrics(root: str, evaluated: bool) -> dict:
     """metrics.json -> a per-class IoU table and a markdown summary in the Prefect UI."""
-    import json
-
-    m = json.loads(Path(metrics_json).read_text())
+    p = steps.load(Path(root) / "params.yaml")
+    metrics_json = str(steps.eval_dir(p) / "metrics.json")
+    m = json.loads((Path(root) / metrics_json).read_text())
     create_table_artifact(
         table=[
             {
@@ -168,10 +427,11 @@ def publish_metrics(metrics_json: str) -> dict:
         key="per-class-iou",
         description=f"Per-class IoU on the val shards (None: class absent); from {metrics_json}",
     )
+    note = "evaluated in this run" if evaluated else "up to date: from an earlier run (dvc.lock)"
     create_markdown_artifact(
-        markdown=summary_markdown(m, metrics_json),
+        markdown=summary_markdown(m, metrics_json, note),
         key="evaluation-summary",
-        description="mIoU, pixel accuracy and provenance of this evaluation",
+        description="mIoU, pixel accuracy and provenance of the current evaluation",
     )
     return {"miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"], "metrics": metrics_json}
 
@@ -184,7 +444,7 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def summary_markdown(m: dict, metrics_json: str) -> str:
+def summary_markdown(m: dict, metrics_json: str, note: str = "") -> str:
     prov = m.get("provenance", {})
     git = prov.get("git") or {}
     data = prov.get("data") or {}
@@ -193,6 +453,7 @@ def summary_markdown(m: dict, metrics_json: str) -> str:
     lines = [
         f"# Evaluation: mIoU {_pct(m['miou'])}",
         "",
+        *([f"_{note}_", ""] if note else []),
         "| metric | value |",
         "| --- | --- |",
         f"| mIoU (%) | {_pct(m['miou'])} |",
@@ -214,102 +475,157 @@ def summary_markdown(m: dict, metrics_json: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- flows
+def stages_markdown(results: list[dict], planned: list[str], failed: str | None = None) -> str:
+    """The run's stage table: what DVC ran, what was up to date, and why."""
+    done = {r["stage"]: r for r in results}
+    ran = sum(r["result"] != "up to date" for r in results)
+    lines = [
+        f"# DVC stages: {ran} ran, {len(results) - ran} up to date"
+        + (f", failed at {failed}" if failed else ""),
+        "",
+        "| stage | result | why | seconds |",
+        "| --- | --- | --- | --- |",
+    ]
+    for stage in planned:
+        r = done.get(stage)
+        if r is not None:
+            lines.append(f"| {stage} | {r['result']} | {r['why'] or '-'} | {r['seconds']:.1f} |")
+        else:
+            lines.append(f"| {stage} | {'failed' if stage == failed else 'not run'} | - | - |")
+    return "\n".join(lines) + "\n"
 
 
-@flow(name="seg-synth", persist_result=False)
-def synth_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """Write the synthetic Cityscapes-format scenes (synth.out)."""
-    return synthesize(steps.load(params, overrides))
-
-
-@flow(name="seg-preprocess", persist_result=False)
-def preprocess_flow(
-    params: str = "params.yaml",
-    overrides: list[str] | None = None,
-    splits: list[str] | None = None,
-) -> list[dict]:
-    """Convert the train and val splits of data.root into shards (or just `splits`)."""
-    p = steps.load(params, overrides)
-    return [write_shards(p, s) for s in splits or (p.data.train_split, p.data.val_split)]
-
-
-@flow(name="seg-train", persist_result=False)
-def train_flow(
-    params: str = "params.yaml",
-    overrides: list[str] | None = None,
-    resume: bool = True,
-    log_every: int = 50,
-    gpus: int = 0,
-) -> dict:
-    """Train on the shards. `resume` continues an unfinished run of the same params only;
-    `gpus` > 1 runs DDP under torchrun (one process per GPU; on CPU with train.device=cpu)."""
-    if gpus > 1:
-        return train_model_torchrun(params, overrides, resume, gpus)
-    return train_model(steps.load(params, overrides), resume, log_every)
-
-
-@flow(name="seg-evaluate", persist_result=False)
-def evaluate_flow(
-    params: str = "params.yaml",
-    overrides: list[str] | None = None,
-    checkpoint: str | None = None,
-) -> dict:
-    """Score a checkpoint (default outputs/train/best.pt) on the val shards; publish artifacts."""
-    p = steps.load(params, overrides)
-    return publish_metrics(evaluate_checkpoint(p, checkpoint))
+# ----------------------------------------------------------------------------- the flow
 
 
 @flow(name="seg-pipeline", persist_result=False)
 def pipeline_flow(
-    params: str = "params.yaml",
+    targets: list[str] | None = None,
     overrides: list[str] | None = None,
-    resume: bool = True,
     log_every: int = 50,
-    gpus: int = 0,
 ) -> dict:
-    """synth (when data.root is synth.out) -> preprocess train+val -> train -> evaluate."""
-    p = steps.load(params, overrides)
-    if Path(p.data.root) == Path(p.synth.out):
-        synth_flow(params, overrides)
-    preprocess_flow(params, overrides)
-    train_flow(params, overrides, resume=resume, log_every=log_every, gpus=gpus)
-    return evaluate_flow(params, overrides)
+    """Run the stale stages of dvc.yaml up to `targets` (default: all), one task per stage.
+
+    `overrides` (`section.key=value`) make the run an experiment (`dvc exp save`)."""
+    logger = get_run_logger()
+    root = project_root()
+    steps.load(root / "params.yaml", overrides)  # a bad override fails here, before any work
+    planned = stage_plan(root, targets)
+    logger.info("project %s; stages in order: %s", root, ", ".join(planned))
+    if overrides:
+        set_params(str(root), overrides)
+    results: list[dict] = []
+    try:
+        for stage in planned:
+            retrying = stage.split("@")[0] in IO_STAGES
+            run = dvc_stage.with_options(
+                retries=IO_RETRIES if retrying else 0,
+                retry_delay_seconds=5,
+                retry_condition_fn=_retry_stage,
+            )
+            results.append(run(str(root), stage, log_every))
+    finally:
+        failed = next((s for s in planned if s not in {r["stage"] for r in results}), None)
+        create_markdown_artifact(
+            markdown=stages_markdown(results, planned, failed),
+            key="dvc-stages",
+            description="Each DVC stage of this run: ran or up to date, and why",
+        )
+    out: dict = {"stages": {r["stage"]: r["result"] for r in results}}
+    ran = [r["stage"] for r in results if r["result"] != "up to date"]
+    if overrides and ran:
+        out["experiment"] = save_experiment(str(root))
+    if "evaluate" in planned:
+        out.update(publish_metrics(str(root), evaluated="evaluate" in ran))
+    return out
 
 
-FLOWS = {
-    "synth": synth_flow,
-    "preprocess": preprocess_flow,
-    "train": train_flow,
-    "evaluate": evaluate_flow,
-    "pipeline": pipeline_flow,
-}
+# ----------------------------------------------------------------------------- deployments
+
+
+def _schedule(cron: str, timezone: str | None):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        return CronSchedule(cron=cron, timezone=timezone)  # validated: one-line errors
+    except ValueError as exc:
+        msg = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)  # pydantic's
+        msg = msg.removeprefix("Value error, ")
+        raise ConfigError(f"--cron {cron!r} --timezone {timezone!r}: {msg}") from None
+
+
+def concurrency(collision: str = "skip"):
+    """At most one run of the deployment at a time. `skip`: a run due while another is still
+    running is cancelled ("Deployment concurrency limit reached."); the next scheduled run
+    catches up, and DVC reruns whatever became stale. `queue`: it waits for the slot
+    (AwaitingConcurrencySlot) and runs after, usually finding everything up to date."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    strategies = {
+        "skip": ConcurrencyLimitStrategy.CANCEL_NEW,
+        "queue": ConcurrencyLimitStrategy.ENQUEUE,
+    }
+    if collision not in strategies:
+        raise ConfigError(f"--collision {collision!r}: valid: {', '.join(COLLISIONS)}")
+    return ConcurrencyLimitConfig(limit=1, collision_strategy=strategies[collision])
+
+
+def _deployment_kwargs(cron, timezone, overrides, collision) -> dict:
+    from prefect.types.entrypoint import EntrypointType
+
+    return {
+        "schedules": [_schedule(cron, timezone)],
+        "concurrency_limit": concurrency(collision),
+        "parameters": {"overrides": list(overrides or [])},
+        "description": "The DVC graph on a schedule: stale stages run, the rest are skipped.",
+        "tags": ["seg"],
+        # `stages.flows.pipeline_flow` imports from the installed package in any project
+        # folder; the run's working directory is the project (dvc.yaml, params.yaml)
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+    }
 
 
 def deployment(
     name: str = "nightly",
     cron: str = "0 3 * * *",
     timezone: str | None = None,
-    params: str = "params.yaml",
     overrides: list[str] | None = None,
+    collision: str = "skip",
 ):
-    """The pipeline flow as a deployment on a cron schedule (what `seg serve` serves)."""
-    from prefect.client.schemas.schedules import CronSchedule
-    from prefect.types.entrypoint import EntrypointType
-
-    try:
-        schedule = CronSchedule(cron=cron, timezone=timezone)  # validated: one-line errors
-    except ValueError as exc:
-        msg = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)  # pydantic's
-        msg = msg.removeprefix("Value error, ")
-        raise ConfigError(f"--cron {cron!r} --timezone {timezone!r}: {msg}") from None
+    """The pipeline flow as a deployment on a cron schedule (what `seg serve` serves); its
+    runs execute in the serving process's working directory."""
     return pipeline_flow.to_deployment(
-        name,
-        schedules=[schedule],
-        parameters={"params": params, "overrides": overrides or []},
-        description="The whole pipeline (synth, preprocess, train, evaluate) on a schedule.",
-        tags=["seg"],
-        # `stages.flows:pipeline_flow` imports from the installed package in any project folder;
-        # runs start in the serving process's working directory, where params.yaml is.
-        entrypoint_type=EntrypointType.MODULE_PATH,
+        name, **_deployment_kwargs(cron, timezone, overrides, collision)
     )
+
+
+def deploy(
+    pool: str,
+    name: str = "nightly",
+    cron: str = "0 3 * * *",
+    timezone: str | None = None,
+    overrides: list[str] | None = None,
+    collision: str = "skip",
+    workdir: Path | str = ".",
+):
+    """Register the deployment on work pool `pool`: its runs execute on the pool's workers
+    (`prefect worker start --pool POOL`), in `workdir` on the worker's machine (a clone of
+    the project with this package installed). Returns the deployment id."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"work pool {pool!r} not found: create it with "
+                f"`prefect work-pool create {pool} --type process`"
+            ) from None
+    # `flow.deploy` would also list the pool's workers, a request this server version
+    # rejects (422 on the client's null limit); registering the deployment is all it needs
+    deployment = pipeline_flow.to_deployment(
+        name, work_pool_name=pool, job_variables={"working_dir": str(workdir)},
+        **_deployment_kwargs(cron, timezone, overrides, collision),
+    )  # fmt: skip
+    return deployment.apply(work_pool_name=pool)

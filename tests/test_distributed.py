@@ -203,13 +203,3 @@ def test_resume_two_processes_on_one(proj: Path, tmp_path: Path, monkeypatch):
     # ... which the step-2 state decided: a fresh 1-process run ends elsewhere
     fresh = final_weights(tmp_path / "fresh", steps.Resume.NEW)
     assert not all(torch.equal(fresh[k], last["model"][k]) for k in fresh)
-
-
-def test_train_flow_launches_torchrun(tmp_path, monkeypatch):
-    """The Prefect flow orchestrates; two gloo processes under torchrun do the training."""
-    from stages import flows
-
-    proj = make_project(tmp_path / "flowproj", **{"train.device": "cpu", "train.batch_size": 4})
-    monkeypatch.chdir(proj)
-    summary = flows.train_flow("params.yaml", [], resume=False, gpus=2)
-    assert summary["step"] == 4 and (proj / "outputs/train/best.pt").is_file()

@@ -1,11 +1,16 @@
-"""The Prefect flows against a real local Prefect server: the pipeline's runs, logs and
-artifacts read back through the API, a scheduled deployment, and a one-line error when the
-server is down."""
+"""The Prefect flow over the DVC graph, against a real `prefect server` and real `dvc`.
+
+A module-scoped project runs `dvc repro` once on `tiny_params()` and is committed; every test
+works on a copy. Scheduled runs come from a real `seg serve` (cron with a seconds field, so
+runs fall seconds apart), work-pool runs from a real `prefect worker start`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,23 +24,25 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
     DeploymentFilter,
     DeploymentFilterId,
     FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
-    TaskRunFilter,
 )
-from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort, TaskRunSort
+from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from test_dvc import DVC, _copy, _env, _new_project, dvc, git
 from typer.testing import CliRunner
 
 from stages.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STAGES = ["params", "synth", "preprocess@train", "preprocess@val", "train", "evaluate"]
 
 
 def _free_port() -> int:
@@ -44,8 +51,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _eventually(check: Callable[[], object], timeout: float = 30.0):
-    """Task-run states and logs reach the API in the background: poll until `check` passes."""
+def _eventually(check: Callable[[], object], timeout: float = 30.0, every: float = 0.5):
+    """Runs, task-run states and logs reach the API in the background: poll until `check`
+    passes (returns its value)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -53,47 +61,16 @@ def _eventually(check: Callable[[], object], timeout: float = 30.0):
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            time.sleep(every)
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    # what `seg flow` sets with os.environ.setdefault; set here so it is undone after each test
-    monkeypatch.setenv("PREFECT_LOGGING_EXTRA_LOGGERS", "seg")
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch) -> Path:
-    """A project folder with params.yaml shrunk to seconds of CPU work; the cwd of the test."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["synth"].update(train=4, val=2, height=64, width=128)
-    raw["preprocess"]["workers"] = 1
-    raw["train"].update(
-        iterations=4, batch_size=2, crop_size=[64, 64], val_interval=4, checkpoint_interval=2,
-        workers=0,
-    )  # fmt: skip
-    raw["evaluate"]["batch_size"] = 2
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    monkeypatch.chdir(proj)
-    return proj
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny convolutions on a shared CPU: more torch threads than free cores is 5-10x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# ----------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
-    """A real `prefect server start` on a free loopback port, with its own home and database."""
+    """A real `prefect server start` on a free loopback port, with its own home and database.
+    A queued run retries for its slot every 2 s (default 30 s), to keep the test short."""
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     env = {
@@ -101,6 +78,7 @@ def server(tmp_path_factory) -> Iterator[str]:
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
     }
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
@@ -126,19 +104,164 @@ def server(tmp_path_factory) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn/service children
+        _stop(proc, signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny project after `dvc repro`, committed: everything up to date (copy it first)."""
+    path = _new_project(tmp_path_factory.mktemp("flows") / "proj")
+    dvc(path, "repro")
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "dvc repro")
+    return path
+
+
+@pytest.fixture
+def proj(base: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of `base`, the cwd of the test; HOME, git identity and DVC's config in tmp."""
+    path = _copy(base, tmp_path / "proj")
+    for key, value in _proc_env(path).items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+    for key in ("VIRTUAL_ENV", "PYTHONPATH", "DVC_EXP_NAME", "DVC_STAGE", "DVC_ROOT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(path)
+    return path
+
+
+def _proc_env(proj: Path, **extra: str) -> dict[str, str]:
+    home = proj.parent / f"{proj.name}-home"
+    home.mkdir(exist_ok=True)
+    (home / ".gitconfig").write_text("[user]\n\tname = t\n\temail = t@t\n")
+    return {**_env(home), **extra}
+
+
+def _set_param(proj: Path, section: str, key: str, value) -> None:
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    raw[section][key] = value
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    """Stop a process we started and its children (Ctrl-C for `seg serve` and workers)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _fingerprint(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size, _sha256(path)
+
+
+def _lock_md5(proj: Path, out: str) -> str:
+    for stage in yaml.safe_load((proj / "dvc.lock").read_text())["stages"].values():
+        for o in stage.get("outs", []):
+            if o["path"] == out:
+                return o["md5"]
+    raise AssertionError(f"{out} is not an output in dvc.lock")
+
+
+def _assert_consistent(proj: Path) -> None:
+    """`dvc status` is clean, and the outputs are the ones dvc.lock records."""
+    assert json.loads(dvc(proj, "status", "--json").stdout) == {}
+    for out in ("outputs/train/best.pt", "outputs/train/last.pt"):
+        assert _md5(proj / out) == _lock_md5(proj, out), out
+    metrics = json.loads((proj / "outputs/eval/metrics.json").read_text())
+    assert metrics["provenance"]["checkpoint"]["sha256"] == _sha256(proj / "outputs/train/best.pt")
+
+
+def _artifacts(client, flow_run_id) -> dict:
+    """The artifacts of a flow run (its own and its tasks'), by key."""
+    from prefect.client.schemas.objects import Artifact
+
+    # the client sends null flow-run/task-run filters, which this server rejects (422)
+    body = {
+        "artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+        "limit": 50,
+        "offset": 0,
+        "sort": "KEY_ASC",
+    }
+    arts = Artifact.model_validate_list(
+        client.request("POST", "/artifacts/filter", json=body).json()
+    )
+    return {a.key: a for a in arts}
+
+
+def _stage_table(client, flow_run_id) -> dict[str, str]:
+    """The `dvc-stages` artifact of a flow run: stage -> result."""
+    arts = list(_artifacts(client, flow_run_id).values())
+    tables = [a for a in arts if a.key == "dvc-stages"]
+    assert len(tables) == 1, f"{len(tables)} dvc-stages artifacts yet"
+    table = tables[0]
+    rows = [line.split("|")[1:3] for line in table.data.splitlines() if line.startswith("| ")]
+    return {s.strip(): r.strip() for s, r in rows if s.strip() not in ("stage", "---")}
+
+
+def _describe(runs) -> str:
+    return "\n".join(
+        f"{r.name}: {r.state.name} due {r.expected_start_time:%H:%M:%S} "
+        f"start {r.start_time and f'{r.start_time:%H:%M:%S}'} end {r.end_time and f'{r.end_time:%H:%M:%S}'}"
+        for r in runs
+    )
+
+
+def _deployment_runs(client, deployment_id) -> list:
+    return client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        limit=100,
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+    )
+
+
+def _serve(proj: Path, server: str, name: str, *args: str) -> subprocess.Popen:
+    """`seg serve` in the project, polling for due runs every second."""
+    env = _proc_env(proj, PREFECT_API_URL=server, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    cmd = [str(BIN / "seg"), "serve", "--name", name, "--cron", "* * * * * */10", *args]
+    return _start(cmd, proj, env, proj.parent / f"serve-{name}.log")
+
+
+def _deployment_id(client, name: str):
+    def registered():
+        try:
+            return client.read_deployment_by_name(f"seg-pipeline/{name}").id
+        except Exception as exc:  # ObjectNotFound until `seg serve` has registered it
+            raise AssertionError(str(exc)) from None
+
+    return _eventually(registered, timeout=120)
+
+
 # ----------------------------------------------------------------------------- no server
 
 
-@pytest.mark.parametrize("command", [["flow", "evaluate"], ["flow"], ["serve"]])
-def test_unreachable_server_is_one_line_error_before_any_work(project, command):
+@pytest.mark.parametrize(
+    "command", [["flow", "evaluate"], ["flow"], ["serve"], ["deploy", "--pool", "gpu"]]
+)
+def test_unreachable_server_is_one_line_error_before_any_work(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    )
     dead = f"http://127.0.0.1:{_free_port()}/api"
     with temporary_settings(updates={PREFECT_API_URL: dead}):
         result = CliRunner().invoke(app, command)
@@ -147,66 +270,194 @@ def test_unreachable_server_is_one_line_error_before_any_work(project, command):
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: Prefect API at " + dead + " is unreachable")
     assert "prefect server start" in lines[0]
-    assert sorted(p.name for p in project.iterdir()) == ["params.yaml"]  # nothing was run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was run
 
 
-def test_serve_rejects_a_bad_cron_in_one_line(project):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cron", "61 * * * *"],
+         "error: --cron '61 * * * *' --timezone None: Invalid cron string: \"61 * * * *\""),
+        (["--collision", "later"], "error: --collision 'later': valid: skip, queue"),
+    ],
+)  # fmt: skip
+def test_serve_rejects_bad_options_in_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    )
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        result = CliRunner().invoke(app, ["serve", "--cron", "61 * * * *"])
+        result = CliRunner().invoke(app, ["serve", *args])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [
-        "error: --cron '61 * * * *' --timezone None: Invalid cron string: \"61 * * * *\""
-    ]
+    assert result.output.strip().splitlines() == [message]
+
+
+@pytest.mark.e2e
+def test_unknown_stage_and_missing_project_fail_in_one_line(proj, tmp_path, monkeypatch):
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = CliRunner().invoke(app, ["flow", "trian"])
+        assert result.exit_code == 1
+        assert result.output.strip().splitlines() == [
+            "error: unknown stage 'trian'; valid: " + ", ".join(STAGES)
+        ]
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "params.yaml").write_text((proj / "params.yaml").read_text())
+        monkeypatch.chdir(elsewhere)
+        result = CliRunner().invoke(app, ["flow"])
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {elsewhere}: not in a DVC project"), line
 
 
 # ----------------------------------------------------------------------------- real server
 
 
 @pytest.mark.e2e
-def test_pipeline_flow_runs_show_up_with_logs_and_artifacts(server, project, one_thread):
-    with temporary_settings(updates={PREFECT_API_URL: server}):
-        result = CliRunner().invoke(app, ["flow", "pipeline", "--log-every", "2"])
-        assert result.exit_code == 0, result.output
-        metrics = json.loads((project / "outputs/eval/metrics.json").read_text())
+def test_scheduled_run_with_nothing_changed_skips_every_stage(server, proj):
+    ckpt = {name: _fingerprint(proj / "outputs/train" / name) for name in ("last.pt", "best.pt")}
+    lock = (proj / "dvc.lock").read_text()
+    serve = _serve(proj, server, "idle")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server}):
+            with get_client(sync_client=True) as client:
+                deployment_id = _deployment_id(client, "idle")
 
-        # send queued logs and task-run events now, while the server is up (and not at exit)
+                def finished():
+                    # the first run that started (runs due while it runs are skipped)
+                    runs = _deployment_runs(client, deployment_id)
+                    started = [r for r in runs if r.run_count > 0]
+                    assert started and started[0].state.is_final(), "no finished run yet"
+                    return started[0]
+
+                run = _eventually(finished, timeout=180, every=1)
+                _stop(serve)
+                assert run.state.is_completed(), run.state
+                # from the time the schedule set to the end: picking it up, starting a
+                # process, six `dvc status` and the metrics artifacts
+                took = (run.end_time - run.expected_start_time).total_seconds()
+                print(f"no-change scheduled run: {took:.1f} s after its scheduled time")
+                assert took < 30, took
+                assert _eventually(lambda: _stage_table(client, run.id)) == {
+                    s: "up to date" for s in STAGES
+                }
+                tasks = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                    limit=50,
+                    sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+                )
+                assert [t.name for t in tasks if t.task_key.startswith("dvc_stage")] == STAGES
+    finally:
+        _stop(serve)
+    # no training happened: the checkpoints are the same files, untouched
+    assert {n: _fingerprint(proj / "outputs/train" / n) for n in ckpt} == ckpt
+    assert (proj / "dvc.lock").read_text() == lock
+    _assert_consistent(proj)
+
+
+def _overlap(server: str, proj: Path, name: str, *args: str):
+    """`seg serve` a run every 10 s on a project whose train and evaluate are stale (a
+    changed train param): the first run takes longer than 10 s, so the next one comes due
+    while it runs. Returns the runs once the first two have finished (or the second was
+    cancelled), then stops serving (a third may be cut short: it found nothing to do)."""
+    _set_param(proj, "train", "iterations", 6)
+    serve = _serve(proj, server, name, *args)
+    try:
+        with get_client(sync_client=True) as client:
+            deployment_id = _deployment_id(client, name)
+
+            def two_final():
+                runs = _deployment_runs(client, deployment_id)  # by the time they are due
+                assert len(runs) >= 2 and all(r.state.is_final() for r in runs[:2]), _describe(runs)
+                return runs
+
+            _eventually(two_final, timeout=300, every=1)
+            _stop(serve)
+            return _deployment_runs(client, deployment_id)
+    finally:
+        _stop(serve)
+
+
+@pytest.mark.e2e
+def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj):
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        runs = _overlap(server, proj, "skip")
+        with get_client(sync_client=True) as client:
+            first = runs[0]
+            assert first.state.is_completed(), _describe(runs)
+            ran = [r for r in runs if r.run_count > 0]
+            # the next run came due while the first was running: it was cancelled then
+            # (the runner claims a run up to 10 s before it is due), and never started
+            skipped = [
+                r
+                for r in runs
+                if first.expected_start_time < r.expected_start_time < first.end_time
+                and r.state.is_cancelled()
+                and r.state.timestamp <= first.end_time
+            ]
+            assert skipped, _describe(runs)
+            for r in skipped:
+                assert r.run_count == 0
+                assert r.state.message == "Deployment concurrency limit reached."
+            # no two runs were ever running at once
+            spans = sorted((r.start_time, r.end_time) for r in ran if r.end_time)
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+            table = _eventually(lambda: _stage_table(client, first.id))
+    assert table == {
+        s: "ran" if s in ("params", "train", "evaluate") else "up to date" for s in STAGES
+    }
+    _assert_consistent(proj)  # the first run's outputs are whole and recorded in dvc.lock
+
+
+@pytest.mark.e2e
+def test_overlapping_scheduled_runs_queue_the_newcomer(server, proj):
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        runs = _overlap(server, proj, "queue", "--collision", "queue")
+        with get_client(sync_client=True) as client:
+            first, second = runs[:2]
+            assert first.state.is_completed() and second.state.is_completed(), _describe(runs)
+            # the second came due while the first ran; it waited for the slot, then ran
+            assert second.expected_start_time < first.end_time <= second.start_time
+            waits = [
+                s.timestamp
+                for s in client.read_flow_run_states(second.id)
+                if s.name == "AwaitingConcurrencySlot"
+            ]
+            assert waits and min(waits) <= first.end_time, _describe(runs)
+            # and found everything up to date: the first run's results stand
+            assert _eventually(lambda: _stage_table(client, second.id)) == {
+                s: "up to date" for s in STAGES
+            }
+    best = proj / "outputs/train/best.pt"
+    assert best.stat().st_mtime < second.start_time.timestamp()  # the first run trained it
+    _assert_consistent(proj)
+
+
+@pytest.mark.e2e
+def test_changed_param_reruns_train_and_evaluate_as_an_experiment(server, proj):
+    shards = {s: _fingerprint(proj / f"data/shards/{s}/manifest.parquet") for s in ("train", "val")}
+    metrics_before = _md5(proj / "outputs/eval/metrics.json")
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        result = CliRunner().invoke(app, ["flow", "-S", "train.lr=0.02", "--log-every", "2"])
+        assert result.exit_code == 0, result.output
         APILogWorker.drain_all(timeout=20)
         EventsWorker.drain_all(timeout=20)
         with get_client(sync_client=True) as client:
-            # limit and sort spelled out: this server answers 422 to the client's nulls
-            flow_runs = client.read_flow_runs(limit=50, sort=FlowRunSort.START_TIME_ASC)
-            runs = {client.read_flow(r.flow_id).name: r for r in flow_runs}
-            assert set(runs) == {
-                "seg-pipeline", "seg-synth", "seg-preprocess", "seg-train", "seg-evaluate",
+            (run,) = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(is_null_=True)
+                ),
+                limit=1,
+                sort=FlowRunSort.START_TIME_DESC,
+            )
+            assert run.parameters == {
+                "targets": None, "overrides": ["train.lr=0.02"], "log_every": 2
             }  # fmt: skip
-            assert all(r.state.is_completed() for r in runs.values())
-            assert runs["seg-pipeline"].parameters == {
-                "params": "params.yaml", "overrides": [], "resume": True, "log_every": 2, "gpus": 0,
-            }  # fmt: skip
-            assert runs["seg-pipeline"].parent_task_run_id is None
-            assert runs["seg-evaluate"].parent_task_run_id is not None  # a subflow
-
-            def task_runs():
-                tasks = {
-                    t.name.rsplit("-", 1)[0]: t
-                    for t in client.read_task_runs(
-                        limit=50, sort=TaskRunSort.EXPECTED_START_TIME_ASC
-                    )
-                }
-                assert {"synthesize", "write-shards", "train-model", "publish-metrics"} <= set(
-                    tasks
-                ), tasks
-                return tasks
-
-            tasks = _eventually(task_runs)
-            assert tasks["write-shards"].empirical_policy.retries == 2  # I/O may fail
-            assert tasks["train-model"].empirical_policy.retries == 0  # resume, don't retry
+            table = _eventually(lambda: _stage_table(client, run.id))
 
             def train_logs():
                 logs = client.read_logs(
-                    log_filter=LogFilter(
-                        flow_run_id=LogFilterFlowRunId(any_=[runs["seg-train"].id])
-                    ),
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
                     limit=200,
                     offset=0,
                 )
@@ -215,67 +466,187 @@ def test_pipeline_flow_runs_show_up_with_logs_and_artifacts(server, project, one
                 return text
 
             text = _eventually(train_logs)
-            assert "step 2/4" in text and "step 4/4" in text
-            assert "step 3/4" not in text  # every --log-every steps, not every step
+            artifacts = _artifacts(client, run.id)
+    # only train and evaluate reran (and `params`, the check of params.yaml itself)
+    assert table == {
+        "params": "ran", "synth": "up to date", "preprocess@train": "up to date",
+        "preprocess@val": "up to date", "train": "ran", "evaluate": "ran",
+    }  # fmt: skip
+    assert "train: ran" in result.output and "synth: up to date" in result.output
+    assert {s: _fingerprint(proj / f"data/shards/{s}/manifest.parquet") for s in shards} == shards
+    # training progress reached the run logs every --log-every steps
+    assert "step 2/4" in text and "step 4/4" in text and "step 3/4" not in text
+    assert "params.yaml: train modified" in text  # why train ran, from dvc status
 
-            artifacts = {
-                a.key: a
-                for a in client.read_artifacts(
-                    artifact_filter=ArtifactFilter(),
-                    flow_run_filter=FlowRunFilter(),
-                    task_run_filter=TaskRunFilter(),
-                    limit=50,
-                    offset=0,
-                    sort=ArtifactSort.KEY_ASC,
-                )
-            }
-    table, summary = artifacts["per-class-iou"], artifacts["evaluation-summary"]
-    assert (table.type, summary.type) == ("table", "markdown")
-    assert table.flow_run_id == summary.flow_run_id == runs["seg-evaluate"].id
-    data = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert [row["class"] for row in data] == list(metrics["per_class_iou"])
-    prov = metrics["provenance"]
-    assert f"mIoU {100 * metrics['miou']:.2f}" in summary.data
-    for value in (prov["checkpoint"]["sha256"], prov["params_hash"], prov["data"]["sha256"]):
-        assert value in summary.data
+    # dvc.lock records the new metrics
+    metrics = proj / "outputs/eval/metrics.json"
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["evaluate"]
+    (recorded,) = [o["md5"] for o in lock["outs"] if o["path"] == "outputs/eval/metrics.json"]
+    assert recorded == _md5(metrics) != metrics_before
+    assert yaml.safe_load((proj / "params.yaml").read_text())["train"]["lr"] == 0.02
+    _assert_consistent(proj)
+
+    # the experiment, as `dvc exp show` lists it
+    name = re.search(r"experiment (\S+) \(dvc exp show\)", result.output).group(1)
+    rows = json.loads(dvc(proj, "exp", "show", "--json").stdout)
+    (head,) = [r for r in rows if r["rev"] != "workspace"]
+    exps = {e["name"]: e for group in head["experiments"] for e in group["revs"]}
+    data = exps[name]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.02
+    miou = json.loads(metrics.read_text())["miou"]
+    assert data["metrics"]["outputs/eval/metrics.json"]["data"]["miou"] == miou
+
+    # the UI's artifacts: the stage table, the per-class IoU table and the summary
+    assert {"dvc-stages", "per-class-iou", "evaluation-summary"} <= set(artifacts)
+    assert f"mIoU {100 * miou:.2f}" in artifacts["evaluation-summary"].data
+    assert "evaluated in this run" in artifacts["evaluation-summary"].data
 
 
 @pytest.mark.e2e
-def test_deployment_has_the_cron_schedule(server):
-    from stages import flows
+def test_deployment_on_a_process_work_pool_runs_on_a_worker(server, proj, tmp_path):
+    from prefect.client.schemas.actions import WorkPoolCreate
 
+    pool = "cpu-pool"
     with temporary_settings(updates={PREFECT_API_URL: server}):
-        deployment = flows.deployment(
-            "nightly", "0 3 * * *", "Europe/Berlin", overrides=["train.lr=0.02"]
-        )
-        deployment_id = deployment.apply()
         with get_client(sync_client=True) as client:
-            d = client.read_deployment_by_name("seg-pipeline/nightly")
-    assert d.id == deployment_id
-    assert d.entrypoint == "stages.flows.pipeline_flow"
-    assert d.parameters == {"params": "params.yaml", "overrides": ["train.lr=0.02"]}
-    [schedule] = d.schedules
-    assert schedule.active
-    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * *", "Europe/Berlin")
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        env = _proc_env(proj, PREFECT_API_URL=server)
+        deployed = subprocess.run(
+            [str(BIN / "seg"), "deploy", "--pool", pool, "--name", "gpu-nightly",
+             "--cron", "0 3 * * *", "--timezone", "Europe/Berlin"],
+            cwd=proj, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert f"on work pool '{pool}'" in deployed.stdout + deployed.stderr
+        # the worker runs elsewhere; the deployment says where the project is
+        elsewhere = tmp_path / "worker-cwd"
+        elsewhere.mkdir()
+        worker = _start(
+            [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+            elsewhere,
+            {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"},
+            tmp_path / "worker.log",
+        )
+        try:
+            with get_client(sync_client=True) as client:
+                d = client.read_deployment_by_name("seg-pipeline/gpu-nightly")
+                assert d.work_pool_name == pool
+                assert d.job_variables == {"working_dir": str(proj)}
+                assert d.entrypoint == "stages.flows.pipeline_flow"
+                assert d.global_concurrency_limit.limit == 1
+                assert d.concurrency_options.collision_strategy == "CANCEL_NEW"
+                [schedule] = d.schedules
+                assert (schedule.schedule.cron, schedule.schedule.timezone) == (
+                    "0 3 * * *", "Europe/Berlin",
+                )  # fmt: skip
+                run = client.create_flow_run_from_deployment(d.id)
+
+                def finished():
+                    r = client.read_flow_run(run.id)
+                    assert r.state.is_final(), r.state
+                    return r
+
+                r = _eventually(finished, timeout=180, every=1)
+                log = (tmp_path / "worker.log").read_text()
+                assert r.state.is_completed(), f"{r.state}\n{log}"
+                assert r.work_pool_name == pool
+                assert _eventually(lambda: _stage_table(client, r.id)) == {
+                    s: "up to date" for s in STAGES
+                }
+        finally:
+            _stop(worker)
+    assert "seg-pipeline" in log
+
+
+def _rwlock_holder(proj: Path, out: str) -> dict | None:
+    """Who holds DVC's write lock on `out` (a stage that writes it is running), if anyone."""
+    try:
+        lock = json.loads((proj / ".dvc" / "tmp" / "rwlock").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return next((v for k, v in lock.get("write", {}).items() if k.endswith(out)), None)
+
+
+def _wait_for_train(proj: Path, proc: subprocess.Popen, log: Path) -> dict:
+    def training():
+        assert proc.poll() is None, log.read_text()
+        holder = _rwlock_holder(proj, "outputs/train/last.pt")
+        assert holder, "train is not running yet"
+        return holder
+
+    return _eventually(training, timeout=180, every=0.2)
 
 
 @pytest.mark.e2e
-def test_server_schedules_runs_of_the_deployment(server):
-    from stages import flows
+def test_manual_dvc_repro_during_a_flow_fails_naming_what_holds_the_lock(server, proj):
+    _set_param(proj, "train", "iterations", 6)
+    log = proj.parent / "flow.log"
+    flow = _start([str(BIN / "seg"), "flow"], proj, _proc_env(proj, PREFECT_API_URL=server), log)
+    try:
+        holder = _wait_for_train(proj, flow, log)
+        assert "repro --single-item train" in holder["cmd"], holder
+        manual = dvc(proj, "repro", check=False)
+        assert flow.wait(timeout=300) == 0, log.read_text()
+    finally:
+        _stop(flow)
+    assert manual.returncode != 0
+    text = manual.stdout + manual.stderr
+    # it stopped at the first stage that touches what the flow's train holds (DVC locks a
+    # stage's deps and outs before checking whether it changed), naming the holder
+    assert re.search(
+        r"ERROR: failed to reproduce '[^']+': '[^']+' is busy, it is being blocked by:", text
+    ), text
+    assert f"(PID {holder['pid']}): {holder['cmd']}" in text, text
+    assert "train: ran" in log.read_text()
+    _assert_consistent(proj)  # the flow's results are whole and in dvc.lock
 
-    with temporary_settings(updates={PREFECT_API_URL: server}):
-        deployment_id = flows.deployment("every-minute", "* * * * *").apply()
 
-        def scheduled():
-            with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                    limit=5,
-                    sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-                )
-            assert runs, "no scheduled runs yet"
-            return runs
+@pytest.mark.e2e
+def test_flow_during_a_manual_dvc_repro_fails_in_one_line(server, proj):
+    _set_param(proj, "train", "iterations", 6)
+    log = proj.parent / "repro.log"
+    manual = _start([DVC, "repro"], proj, _proc_env(proj), log)
+    try:
+        _wait_for_train(proj, manual, log)
+        with temporary_settings(updates={PREFECT_API_URL: server}):
+            result = CliRunner().invoke(app, ["flow"])
+        assert manual.wait(timeout=300) == 0, log.read_text()
+    finally:
+        _stop(manual)
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    # the first stage whose files the manual run holds: train (its outputs are being written)
+    assert re.fullmatch(
+        rf"error: dvc stage train: '{re.escape(str(proj.resolve()))}/outputs/train/[^']+' is "
+        rf"busy, it is being blocked by \(PID {manual.pid}\): {re.escape(DVC)} repro",
+        errors[0],
+    ), errors[0]
+    _assert_consistent(proj)  # the manual repro's results are whole and in dvc.lock
 
-        runs = _eventually(scheduled, timeout=30)
-    assert all(r.state.is_scheduled() for r in runs)
-    assert all(r.parameters == {"params": "params.yaml", "overrides": []} for r in runs)
+
+@pytest.mark.e2e
+def test_flow_trains_on_several_processes_when_the_stage_command_says_so(server, proj):
+    """Multi-GPU under the flow is the train stage's command (`--gpus N`, torchrun); here 2
+    gloo processes on CPU. DVC sees the changed command and reruns train, nothing before it."""
+    graph = (proj / "dvc.yaml").read_text()
+    assert "cmd: seg train --auto-resume\n" in graph
+    (proj / "dvc.yaml").write_text(
+        graph.replace("cmd: seg train --auto-resume\n", "cmd: seg train --auto-resume --gpus 2\n")
+    )
+    _set_param(proj, "train", "batch_size", 4)  # 2 images per process
+    log = proj.parent / "flow.log"
+    flow = _start(
+        [str(BIN / "seg"), "flow", "train"], proj, _proc_env(proj, PREFECT_API_URL=server), log
+    )
+    assert flow.wait(timeout=300) == 0, log.read_text()
+    text = log.read_text()
+    assert "train: changed command" in text or "train: changed deps" in text, text
+    # torchrun's banner, printed only when it starts more than one process
+    assert "Setting OMP_NUM_THREADS environment variable for each process" in text, text
+    assert "train: ran" in text and "synth: up to date" in text, text
+    assert "evaluate" not in text.split("stages in order:")[1].splitlines()[0]
+    stale = json.loads(dvc(proj, "status", "--json").stdout)
+    # not asked for, as with `dvc repro train`: evaluate (its checkpoint changed) and the
+    # params check (params.yaml changed)
+    assert set(stale) == {"params", "evaluate"}, stale

@@ -1,15 +1,13 @@
-"""`seg flow` and `seg serve`: the stages as Prefect flows, now or on a schedule.
+"""`seg flow`, `seg serve`, `seg deploy`: the DVC graph as a Prefect flow, now or on a schedule.
 
-Without PREFECT_API_URL, flows run in Prefect's ephemeral mode (no server to start). To see
-runs in the UI: `prefect server start --host 127.0.0.1` and
-`export PREFECT_API_URL=http://127.0.0.1:4200/api`. Prefect is imported inside the commands,
-so `seg --help` stays fast.
+Each flow task runs one DVC stage (DVC decides what is stale). Without PREFECT_API_URL,
+`seg flow` runs in Prefect's ephemeral mode (no server to start). To see runs in the UI:
+`prefect server start --host 127.0.0.1` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`.
+Prefect and DVC are imported inside the commands, so `seg --help` stays fast.
 """
 
 from __future__ import annotations
 
-import os
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,92 +15,99 @@ import typer
 
 from stages.errors import cli_errors
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-S", help="Override a param, e.g. -S train.lr=0.02 (repeatable)."),
-]
+    typer.Option(
+        "--set", "-S",
+        help="Override a param, e.g. -S train.lr=0.02 (repeatable): written to params.yaml "
+        "and saved as a DVC experiment, as `dvc exp run -S` does.",
+    ),
+]  # fmt: skip
 LogEveryOpt = Annotated[int, typer.Option(help="Log training progress every N steps.")]
-
-
-class Stage(str, Enum):
-    synth = "synth"
-    preprocess = "preprocess"
-    train = "train"
-    evaluate = "evaluate"
-    pipeline = "pipeline"
+NameOpt = Annotated[str, typer.Option(help="Deployment name.")]
+CronOpt = Annotated[str, typer.Option(help="When to run (cron; UTC unless --timezone).")]
+TimezoneOpt = Annotated[
+    str | None, typer.Option(help="IANA timezone of --cron, e.g. Europe/Berlin.")
+]
+CollisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="A run due while the previous one still runs: skip (cancel it) or queue (wait)."
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
     app.command()(flow)
     app.command()(serve)
+    app.command()(deploy)
 
 
-def _prepare(params: Path, set_: list[str] | None):
+def _prepare(set_: list[str] | None, need_server: bool = False):
     """Validate params and the Prefect server before any work; returns the API URL or None."""
     from stages import steps
 
-    steps.load(params, set_)
-    # the library's `seg` logger -> Prefect run logs (read when prefect is first imported)
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "seg")
+    steps.load("params.yaml", set_)
     from stages import flows
 
-    return flows.check_server()
+    api = flows.check_server()
+    if need_server and api is None:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(
+            "PREFECT_API_URL is not set: workers find deployments through a Prefect server, "
+            "e.g. PREFECT_API_URL=http://127.0.0.1:4200/api after `prefect server start`"
+        )
+    return api
 
 
 @cli_errors
 def flow(
-    stage: Annotated[
-        Stage, typer.Argument(help="The stage to run, or the whole pipeline.")
-    ] = Stage.pipeline,
-    params: ParamsOpt = Path("params.yaml"),
+    targets: Annotated[
+        list[str] | None,
+        typer.Argument(help="DVC stages to bring up to date (default: all), with what they need."),
+    ] = None,
     set_: SetOpt = None,
-    resume: Annotated[
-        bool, typer.Option(help="train: continue an unfinished run of the same params.")
-    ] = True,
     log_every: LogEveryOpt = 50,
-    gpus: Annotated[
-        int, typer.Option(help="train/pipeline: DDP under torchrun with N processes (GPUs).")
-    ] = 0,
 ) -> None:
-    """Run a stage's Prefect flow (or the pipeline flow) now; ephemeral unless PREFECT_API_URL is set."""
-    api = _prepare(params, set_)
+    """Run the pipeline flow now: each stale DVC stage runs, the rest are reported up to date."""
+    api = _prepare(set_)
     from stages import flows
     from stages.progress import console
 
-    kwargs = {"params": str(params), "overrides": set_ or []}
-    if stage in (Stage.train, Stage.pipeline):
-        kwargs.update(resume=resume, log_every=log_every, gpus=gpus)
-    result = flows.FLOWS[stage.value](**kwargs)
-    if isinstance(result, dict) and "miou" in result:
+    root = flows.project_root()
+    flows.stage_plan(root, targets)  # an unknown stage fails in one line, before any run
+    result = flows.pipeline_flow(targets=targets, overrides=set_ or [], log_every=log_every)
+    for stage, outcome in result["stages"].items():
+        console.print(f"{stage}: {outcome}", highlight=False)
+    if "experiment" in result:
+        console.print(f"experiment {result['experiment']} (dvc exp show)", highlight=False)
+    if "miou" in result:
         console.print(
             f"mIoU {100 * result['miou']:.2f}  pixel acc {100 * result['pixel_accuracy']:.2f}"
             f"  ({result['metrics']})"
         )
-    console.print(f"flow {stage.value} done" + (f"; runs at {api}" if api else " (ephemeral)"))
+    console.print("flow done" + (f"; runs at {api}" if api else " (ephemeral)"))
 
 
 @cli_errors
 def serve(
-    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
-    cron: Annotated[str, typer.Option(help="When to run (cron; UTC unless --timezone).")] = (
-        "0 3 * * *"
-    ),
-    timezone: Annotated[
-        str | None, typer.Option(help="IANA timezone of --cron, e.g. Europe/Berlin.")
-    ] = None,
-    params: ParamsOpt = Path("params.yaml"),
+    name: NameOpt = "nightly",
+    cron: CronOpt = "0 3 * * *",
+    timezone: TimezoneOpt = None,
     set_: SetOpt = None,
+    collision: CollisionOpt = "skip",
 ) -> None:
-    """Serve the pipeline flow as a scheduled deployment until Ctrl-C (runs in this directory)."""
-    api = _prepare(params, set_)
+    """Serve the pipeline flow on a schedule until Ctrl-C; runs execute in this folder, one at a time."""
+    api = _prepare(set_)
     from prefect import serve as prefect_serve
 
     from stages import flows
     from stages.progress import console
 
-    deployment = flows.deployment(name, cron, timezone, str(params), set_)
+    deployment = flows.deployment(name, cron, timezone, set_, collision)
+    flows.project_root()  # runs execute here: fail now, not at 3 a.m.
     if api is None:
         console.print(
             "PREFECT_API_URL is not set: serving against a temporary local API that ends with "
@@ -112,3 +117,32 @@ def serve(
             soft_wrap=True,
         )
     prefect_serve(deployment)
+
+
+@cli_errors
+def deploy(
+    pool: Annotated[str, typer.Option(help="Work pool whose workers run the flow.")],
+    name: NameOpt = "nightly",
+    cron: CronOpt = "0 3 * * *",
+    timezone: TimezoneOpt = None,
+    set_: SetOpt = None,
+    collision: CollisionOpt = "skip",
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="The project folder on the workers' machines (default: this one)."),
+    ] = None,
+) -> None:
+    """Register the scheduled pipeline on a work pool; `prefect worker start --pool POOL` runs it."""
+    api = _prepare(set_, need_server=True)
+    from stages import flows
+    from stages.progress import console
+
+    workdir = (workdir or flows.project_root()).absolute()
+    deployment_id = flows.deploy(pool, name, cron, timezone, set_, collision, workdir)
+    console.print(
+        f"deployment seg-pipeline/{name} ({deployment_id}) on work pool {pool!r} at {api}: "
+        f"cron {cron!r}, one run at a time ({collision}), in {workdir}. "
+        f"Start a worker there: prefect worker start --pool {pool}",
+        highlight=False,
+        soft_wrap=True,
+    )
