@@ -37,6 +37,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.errors import ConfigError, SegError
 from stages import steps
+from stages.progress import pct
 
 _NO_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
 # synth and preprocess read and write data on disks and network mounts: a second try usually
@@ -440,10 +441,6 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 4)
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
-
-
 def summary_markdown(m: dict, metrics_json: str, note: str = "") -> str:
     prov = m.get("provenance", {})
     git = prov.get("git") or {}
@@ -451,14 +448,14 @@ def summary_markdown(m: dict, metrics_json: str, note: str = "") -> str:
     ckpt = prov.get("checkpoint") or {}
     dirty = {True: " (dirty)", False: "", None: " (unknown)"}[git.get("dirty")]
     lines = [
-        f"# Evaluation: mIoU {_pct(m['miou'])}",
+        f"# Evaluation: mIoU {pct(m['miou'])}",
         "",
         *([f"_{note}_", ""] if note else []),
         "| metric | value |",
         "| --- | --- |",
-        f"| mIoU (%) | {_pct(m['miou'])} |",
-        f"| pixel accuracy (%) | {_pct(m['pixel_accuracy'])} |",
-        f"| mean accuracy (%) | {_pct(m.get('mean_accuracy'))} |",
+        f"| mIoU (%) | {pct(m['miou'])} |",
+        f"| pixel accuracy (%) | {pct(m['pixel_accuracy'])} |",
+        f"| mean accuracy (%) | {pct(m.get('mean_accuracy'))} |",
         f"| images | {m.get('num_images', '-')} |",
         "",
         "## Provenance",

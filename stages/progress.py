@@ -18,6 +18,11 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
+def pct(x: float | None) -> str:
+    """A score in [0, 1] as a percentage with two decimals; '-' for an undefined one."""
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
 @contextmanager
 def progress_bar(description: str, *fields: str) -> Iterator:
     """Yields `update(done, total, **fields)`; extra fields (loss, lr, ...) show after the bar."""

@@ -80,38 +80,52 @@ def kfold_summary_file(p: Params) -> Path:
     return Path(p.data.outputs) / "kfold_summary.json"
 
 
-def check_inputs(p: Params) -> None:
-    """Fail before any work when the dataset root is missing (real data only)."""
-    if not Path(p.data.root).is_dir():
-        raise DataError(f"{p.data.root}: dataset root not found (set data.root in params.yaml)")
-
-
 # ----------------------------------------------------------------------------- stages
 
 
-def synth(p: Params, progress=None, overwrite: bool = True) -> dict:
+def synth(
+    out: Path | str,
+    splits: dict[str, int],
+    height: int,
+    width: int,
+    seed: int = 0,
+    workers: int = 0,
+    overwrite: bool = False,
+    progress=None,
+) -> dict:
+    """`seg synth` (and so the synth stage): seeded Cityscapes-layout scenes. workers 0: all
+    cores."""
     from pipeline.data.synth import generate_cityscapes
 
-    s = p.synth
     return generate_cityscapes(
-        Path(p.synth.out), {"train": s.train, "val": s.val}, height=s.height, width=s.width,
-        seed=s.seed, workers=_workers(p.preprocess.workers), progress=progress, overwrite=overwrite,
+        Path(out), splits, height=height, width=width, seed=seed, workers=_workers(workers),
+        progress=progress, overwrite=overwrite,
     )  # fmt: skip
 
 
-def preprocess(p: Params, split: str, progress=None) -> dict:
+def preprocess(
+    root: Path | str,
+    split: str,
+    out: Path | str,
+    dataset: str = "cityscapes",
+    samples_per_shard: int = 100,
+    image_format: str = "png",
+    workers: int = 0,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    progress=None,
+):
+    """`seg preprocess` (and so the preprocess stages): one split into shards + manifest.
+    Returns the ShardSummary. workers 0: all cores."""
     from pipeline.data.shards import write_shards
 
-    check_inputs(p)
-    summary = write_shards(
-        p.data.root, split, shard_dir(p, split), dataset=p.data.dataset,
-        samples_per_shard=p.preprocess.samples_per_shard, image_format=p.preprocess.image_format,
-        workers=_workers(p.preprocess.workers), overwrite=True, progress=progress,
+    if not Path(root).is_dir():
+        raise DataError(f"{root}: dataset root not found (set data.root in params.yaml)")
+    return write_shards(
+        root, split, out, dataset=dataset, samples_per_shard=samples_per_shard,
+        image_format=image_format, workers=_workers(workers), skip_bad=skip_bad,
+        overwrite=overwrite, progress=progress,
     )  # fmt: skip
-    return {
-        "split": split, "samples": summary.samples, "shards": summary.shards,
-        "bytes": summary.bytes, "skipped": summary.skipped, "out": str(summary.out_dir),
-    }  # fmt: skip
 
 
 class Resume(str, Enum):

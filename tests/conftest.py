@@ -89,9 +89,13 @@ def make_project(path: Path, **overrides) -> Path:
     os.chdir(path)
     try:
         p = steps.load("params.yaml")
-        steps.synth(p)
-        steps.preprocess(p, "train")
-        steps.preprocess(p, "val")
+        s, pre = p.synth, p.preprocess
+        steps.synth(s.out, {"train": s.train, "val": s.val}, s.height, s.width, s.seed, 1)
+        for split in ("train", "val"):
+            steps.preprocess(
+                p.data.root, split, steps.shard_dir(p, split), p.data.dataset,
+                pre.samples_per_shard, pre.image_format, workers=1,
+            )  # fmt: skip
     finally:
         os.chdir(cwd)
     return path

@@ -221,7 +221,7 @@ def test_train_and_eval_on_camvid_through_the_stages(camvid_root, tmp_path):
     try:
         p = steps.load("params.yaml")
         for split in ("train", "val"):
-            steps.preprocess(p, split)
+            steps.preprocess(p.data.root, split, steps.shard_dir(p, split), "camvid", workers=1)
         steps.train(p)
         metrics = steps.evaluate(p)
     finally:

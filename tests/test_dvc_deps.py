@@ -52,15 +52,22 @@ def _run(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> tuple[Path, dict[str, set[str]]]:
-    """A project after one `dvc repro`, committed, and the project files each stage loaded
-    (paths relative to the repository)."""
+    """A project after `dvc repro`, then `dvc repro` with 2 folds (so the k-fold stages run
+    too), committed, and the project files each stage loaded (relative to the repository)."""
+    import yaml
+
     base = tmp_path_factory.mktemp("deps")
     proj = _new_project(base / "proj")
     hook, out = base / "hook", base / "modules"
     hook.mkdir()
     out.mkdir()
     (hook / "sitecustomize.py").write_text(HOOK)
-    _run(proj, DVC, "repro", env={"PYTHONPATH": str(hook), "SEG_MODULES_OUT": str(out)})
+    env = {"PYTHONPATH": str(hook), "SEG_MODULES_OUT": str(out)}
+    _run(proj, DVC, "repro", env=env)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["data"].update(folds=2, fold_ids=[0, 1])
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(proj, DVC, "repro", env=env)
     _run(proj, "git", "add", "-A")
     _run(proj, "git", "commit", "-q", "-m", "repro")
     loaded: dict[str, set[str]] = {}

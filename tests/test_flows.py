@@ -42,7 +42,9 @@ from typer.testing import CliRunner
 from stages.cli import app
 
 BIN = Path(sys.executable).parent
+# dvc.yaml's stages in graph order (the k-fold ones run and write "off" files with folds: 0)
 STAGES = ["params", "synth", "preprocess@train", "preprocess@val", "train", "evaluate"]
+STAGES += ["kfold_split", "kfold_summary"]
 
 
 def _free_port() -> int:
@@ -471,6 +473,7 @@ def test_changed_param_reruns_train_and_evaluate_as_an_experiment(server, proj):
     assert table == {
         "params": "ran", "synth": "up to date", "preprocess@train": "up to date",
         "preprocess@val": "up to date", "train": "ran", "evaluate": "ran",
+        "kfold_split": "up to date", "kfold_summary": "up to date",
     }  # fmt: skip
     assert "train: ran" in result.output and "synth: up to date" in result.output
     assert {s: _fingerprint(proj / f"data/shards/{s}/manifest.parquet") for s in shards} == shards

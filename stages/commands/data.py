@@ -42,16 +42,13 @@ def preprocess(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Convert one split (labelIds -> trainIds) into WebDataset tar shards + a Parquet manifest."""
-    import os
-
-    from pipeline.data.shards import write_shards
+    from stages import steps
     from stages.progress import console, progress_bar
 
     with progress_bar(f"preprocess {split}") as update:
-        summary = write_shards(
-            root, split, out, dataset=dataset, samples_per_shard=samples_per_shard,
-            image_format=image_format, workers=workers or os.cpu_count() or 1,
-            skip_bad=skip_bad, overwrite=overwrite, progress=update,
+        summary = steps.preprocess(
+            root, split, out, dataset, samples_per_shard, image_format, workers, skip_bad,
+            overwrite, progress=update,
         )  # fmt: skip
     console.print(
         f"{summary.samples} samples -> {summary.shards} shard(s), {summary.bytes / 1e6:.1f} MB in {out}"

@@ -306,7 +306,7 @@ def runs(
     from rich.table import Table
 
     from stages.history import find_run, read_runs
-    from stages.progress import console
+    from stages.progress import console, pct
 
     rows = read_runs(history)
     if compare:
@@ -318,9 +318,9 @@ def runs(
         for name in ia:
             x, y = ia.get(name), ib.get(name)
             delta = "-" if x is None or y is None else f"{100 * (y - x):+.2f}"
-            table.add_row(name, _pct(x), _pct(y), delta)
+            table.add_row(name, pct(x), pct(y), delta)
         table.add_row(
-            "mIoU", _pct(a["miou"]), _pct(b["miou"]), f"{100 * (b['miou'] - a['miou']):+.2f}"
+            "mIoU", pct(a["miou"]), pct(b["miou"]), f"{100 * (b['miou'] - a['miou']):+.2f}"
         )
         console.print(table)
         return
@@ -330,10 +330,6 @@ def runs(
     for i, r in enumerate(rows):
         git = (r["git_revision"] or "-")[:8] + ("*" if r["git_dirty"] else "")
         table.add_row(
-            str(i), r["run"], r["time"] or "-", git, r["model"], str(r["step"]), _pct(r["miou"])
+            str(i), r["run"], r["time"] or "-", git, r["model"], str(r["step"]), pct(r["miou"])
         )
     console.print(table)
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"

@@ -25,14 +25,13 @@ def synth(
     """Generate street scenes with Cityscapes labelIds / instanceIds, deterministically."""
     from rich.progress import Progress
 
-    from pipeline.data.synth import generate_cityscapes
+    from stages import steps
 
     splits = {name: n for name, n in (("train", train), ("val", val), ("test", test)) if n}
     with Progress(transient=True) as bar:
         task = bar.add_task("synth", total=None)
-        summary = generate_cityscapes(
-            out_dir, splits or {"train": 0}, height=height, width=width, seed=seed,
-            workers=workers, overwrite=overwrite,
+        summary = steps.synth(
+            out_dir, splits or {"train": 0}, height, width, seed, workers, overwrite,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )  # fmt: skip
     frames = ", ".join(f"{n} {split}" for split, n in summary["frames"].items())
