@@ -17,7 +17,7 @@ mkdir -p "$OUT" "$WORK"
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor  # the loop's compile reuses the benchmark's
-seg() { "$PY" -m stages.cli "$@"; }
+SEG=("$PY" -m stages.cli)  # `seg`, from this checkout
 log() { echo "== $(date +%T) $*"; }
 CAMVID=.gpu_data/camvid; [ -d "$CAMVID" ] || CAMVID=../shared/data/camvid
 NCPU=$(nproc); WORKERS=$(( NCPU > 2 ? NCPU - 2 : 1 ))
@@ -38,9 +38,9 @@ log "machine"
 { nvidia-smi -L 2>/dev/null || echo "no GPU"; "$PY" -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], 'cuda', torch.version.cuda)"; echo "cpus $NCPU"; } | tee "$OUT/machine.txt"
 
 log "data: synthetic ${H}x${W} ($NTRAIN train, $NVAL val) and CamVid shards"
-timeout 120 seg synth "$WORK/synth" --train $NTRAIN --val $NVAL --height $H --width $W --overwrite --workers 0 >/dev/null
+timeout 120 "${SEG[@]}" synth "$WORK/synth" --train $NTRAIN --val $NVAL --height $H --width $W --overwrite --workers 0 >/dev/null
 for split in train val; do
-  timeout 60 seg preprocess "$WORK/synth" $split "$WORK/shards/$split" --workers 0 --overwrite >/dev/null
+  timeout 60 "${SEG[@]}" preprocess "$WORK/synth" $split "$WORK/shards/$split" --workers 0 --overwrite >/dev/null
 done
 if [ -d "$CAMVID" ]; then
   CVROOT=$CAMVID
@@ -51,7 +51,7 @@ if [ -d "$CAMVID" ]; then
     for f in $(ls "$CAMVID/val" | head -$CV_N); do s=${f%.*}; cp "$CAMVID/val/$f" "$CVROOT/val/"; cp "$CAMVID/valannot/$s.png" "$CVROOT/valannot/"; done
   fi
   for split in train val; do
-    timeout 60 seg preprocess "$CVROOT" $split "$WORK/camvid/$split" --dataset camvid --workers 0 --overwrite >/dev/null \
+    timeout 60 "${SEG[@]}" preprocess "$CVROOT" $split "$WORK/camvid/$split" --dataset camvid --workers 0 --overwrite >/dev/null \
       || echo "CamVid $split: preprocess failed" | tee -a "$OUT/errors.txt"
   done
 fi
@@ -74,7 +74,7 @@ timeout 90 "$PY" benchmarks/train_throughput.py --mode loader "${BENCH_MODEL[@]}
   --workers $WORKERS --json "$OUT/loader_synth.json" | tee "$OUT/loader_synth.txt"
 
 log "seg train: the real loop on synthetic ${H}x${W} shards (compiled as the step above)"
-timeout 150 seg train "${P[@]}" "${MODEL[@]}" "${DEV[@]}" -S "train.crop_size=[$CH,$CW]" \
+timeout 150 "${SEG[@]}" train "${P[@]}" "${MODEL[@]}" "${DEV[@]}" -S "train.crop_size=[$CH,$CW]" \
   -S train.batch_size=$BATCH -S train.iterations=$ITERS -S train.log_every=$LOGN \
   -S train.val_interval=$ITERS -S train.checkpoint_interval=$ITERS -S train.workers=$WORKERS \
   -S train.warmup_iters=0 -S evaluate.batch_size=$EVAL_BATCH > "$OUT/train_synth.txt" 2>&1 \
@@ -84,7 +84,7 @@ cp "$WORK/out/train/train_log.jsonl" "$OUT/train_synth_log.jsonl" 2>/dev/null \
 
 log "seg eval: full resolution ${H}x${W}, whole and slide, batch $EVAL_BATCH, $WORKERS workers"
 for mode in whole slide; do
-  timeout 90 seg eval "${P[@]}" "${DEV[@]}" -S evaluate.mode=$mode -S evaluate.batch_size=$EVAL_BATCH \
+  timeout 90 "${SEG[@]}" eval "${P[@]}" "${DEV[@]}" -S evaluate.mode=$mode -S evaluate.batch_size=$EVAL_BATCH \
     -S evaluate.workers=$WORKERS --out "$WORK/eval_$mode" > "$OUT/eval_$mode.txt" 2>&1 \
     && cp "$WORK/eval_$mode/metrics.json" "$OUT/eval_$mode.json" \
     || echo "seg eval $mode failed: see eval_$mode.txt" | tee -a "$OUT/errors.txt"
@@ -95,7 +95,7 @@ if [ -d "$WORK/camvid/train" ]; then
   timeout 90 "$PY" benchmarks/train_throughput.py --mode loader "${BENCH_MODEL[@]}" "${BENCH_DEV[@]}" \
     --no-compile --num-classes 11 --crop $CV_CROP --batch $CV_BATCH --steps $STEPS --warmup $WARM \
     --shards "$WORK/camvid/train" --workers $WORKERS --json "$OUT/loader_camvid.json" | tee "$OUT/loader_camvid.txt"
-  timeout 90 seg train "${P[@]}" "${MODEL[@]}" "${DEV[@]}" -S data.dataset=camvid -S "data.shards=$WORK/camvid" \
+  timeout 90 "${SEG[@]}" train "${P[@]}" "${MODEL[@]}" "${DEV[@]}" -S data.dataset=camvid -S "data.shards=$WORK/camvid" \
     -S "data.outputs=$WORK/out_camvid" -S "train.crop_size=[$CVH,$CVW]" -S train.batch_size=$CV_BATCH \
     -S train.iterations=$((ITERS + 20)) -S train.log_every=$LOGN -S train.val_interval=100000 \
     -S train.checkpoint_interval=100000 -S train.workers=$WORKERS -S train.compile=false \
@@ -107,7 +107,7 @@ fi
 
 log "seg train --gpus 1: the multi-GPU path (process group, DDP, SyncBN) in one process"
 NCCL_DEV=(); [ $TOY = 1 ] && NCCL_DEV=(-S train.device=cpu)
-timeout 90 seg train --gpus 1 "${P[@]}" "${MODEL[@]}" "${NCCL_DEV[@]}" -S "data.outputs=$WORK/out_nccl" \
+timeout 90 "${SEG[@]}" train --gpus 1 "${P[@]}" "${MODEL[@]}" "${NCCL_DEV[@]}" -S "data.outputs=$WORK/out_nccl" \
   -S "train.crop_size=[$CH,$CW]" -S train.batch_size=$BATCH -S train.iterations=10 -S train.log_every=5 \
   -S train.val_interval=10 -S train.compile=false -S train.workers=$WORKERS -S evaluate.batch_size=$EVAL_BATCH \
   > "$OUT/train_gpus1.txt" 2>&1; echo $? > "$OUT/train_gpus1.rc"
