@@ -5,9 +5,11 @@
 1. Generates N synthetic Cityscapes-format pairs at the given size (`seg synth`).
 2. Preprocess: pairs/s with 1 worker (per core) and with --workers, for each image format
    (png = the source bytes, npy = raw); shard bytes against the raw folder's bytes.
-3. Training read: samples/s of decode + random scale/crop/flip from the shards (our
-   TrainStream) against the usual baseline, a map-style Dataset opening the PNG files with PIL,
-   same transform, same DataLoader settings, in the same run.
+3. Training read: samples/s of decode + random scale/crop/flip. Ours: DataLoader workers only
+   decode the shards (TrainStream), the batch is augmented at once where training runs
+   (BatchAugment; here the CPU, on a GPU node the GPU). The usual baseline: a map-style
+   Dataset opening the PNG files with PIL and augmenting each frame in the workers (the same
+   augmentation, one frame at a time). Same DataLoader settings, in the same run.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import torch
 from PIL import Image
 
 from pipeline.data.labels import get_spec
-from pipeline.data.shards import TrainStream, write_shards
+from pipeline.data.readers import TrainStream, collate_train
+from pipeline.data.shards import write_shards
 from pipeline.data.sources import CityscapesAdapter
 from pipeline.data.synth import generate_cityscapes
-from pipeline.data.transforms import TrainAugment
+from pipeline.data.transforms import BatchAugment, step_generator
 
 
 def folder_bytes(path: Path, pattern: str = "*") -> int:
@@ -38,7 +41,7 @@ def folder_bytes(path: Path, pattern: str = "*") -> int:
 class PILFolder(torch.utils.data.Dataset):
     """The plain baseline: open image and labelIds PNGs with PIL, map ids, same augmentation."""
 
-    def __init__(self, root: Path, split: str, augment: TrainAugment) -> None:
+    def __init__(self, root: Path, split: str, augment: BatchAugment) -> None:
         self.samples = CityscapesAdapter().samples(root, split)
         self.spec = get_spec("cityscapes")
         self.augment = augment
@@ -48,34 +51,35 @@ class PILFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        image = np.asarray(Image.open(s.image).convert("RGB"))
+        image = np.array(Image.open(s.image).convert("RGB"))  # writable, as torch wants
         label = self.spec.label_to_train[np.asarray(Image.open(s.label))]
-        sample = {
-            "image": torch.from_numpy(image).permute(2, 0, 1),
-            "label": torch.from_numpy(label),
-        }
-        return self.augment(sample, torch.Generator().manual_seed(i))
+        image = torch.from_numpy(image).permute(2, 0, 1)[None]
+        label = torch.from_numpy(label)[None]
+        size = torch.tensor([label.shape[-2:]])
+        x, y = self.augment(image, label, size, step_generator(0, i))  # one frame, here
+        return x[0], y[0]
 
 
 def collate(batch):
-    return torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
+    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
 
-def time_loader(dataset, n_samples: int, batch: int, workers: int) -> float:
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, num_workers=workers, collate_fn=collate
-    )
+def time_loader(loader, n_samples: int, augment=None) -> float:
+    """samples/s; with `augment`, each batch is augmented after the loader (ours)."""
     it = iter(loader)
     next(it)  # workers started, first batch in
     t0 = time.perf_counter()
-    seen = 0
+    seen, step = 0, 0
     while seen < n_samples:
         try:
-            images, _ = next(it)
+            batch = next(it)
         except StopIteration:
             it = iter(loader)
             continue
-        seen += images.shape[0]
+        if augment is not None:
+            batch = augment(batch["image"], batch["label"], batch["size"], step_generator(0, step))
+            step += 1
+        seen += batch[0].shape[0]
     return seen / (time.perf_counter() - t0)
 
 
@@ -124,19 +128,22 @@ def main() -> None:
                     f"  {fmt:3s} workers={workers}: {args.n / dt:6.2f} pairs/s ({args.n / dt / workers:5.2f} per core),"
                     f" shards {s.bytes / 1e6:7.1f} MB = {s.bytes / raw:.2f}x raw"
                 )
-        aug = TrainAugment(tuple(args.crop))
+        aug = BatchAugment(tuple(args.crop))
         print(
             f"\ntraining read (decode + scale 0.5-2 + crop {args.crop[0]}x{args.crop[1]} + flip), batch {args.batch}:"
         )
         for workers in sorted({0, args.workers}):
-            base = time_loader(
-                PILFolder(root, "train", aug), args.read_samples, args.batch, workers
-            )
+            folder = torch.utils.data.DataLoader(
+                PILFolder(root, "train", aug), batch_size=args.batch, num_workers=workers,
+                collate_fn=collate,
+            )  # fmt: skip
+            base = time_loader(folder, args.read_samples)
             for fmt in ("png", "npy"):
-                stream = TrainStream(
-                    tmp / f"shards-{fmt}-1", seed=0, shuffle_buffer=8, transform=aug
-                )
-                ours = time_loader(stream, args.read_samples, args.batch, workers)
+                stream = torch.utils.data.DataLoader(
+                    TrainStream(tmp / f"shards-{fmt}-1", seed=0, shuffle_buffer=8),
+                    batch_size=args.batch, num_workers=workers, collate_fn=collate_train,
+                )  # fmt: skip
+                ours = time_loader(stream, args.read_samples, aug)
                 print(
                     f"  workers={workers}: PIL folder {base:6.2f} samples/s | shards ({fmt}) {ours:6.2f} samples/s"
                     f" ({ours / base:.2f}x)"
