@@ -1,7 +1,8 @@
 """The training loop: shards -> augmentation on the device -> DeepLab -> checkpoints.
 
 Iteration-based, as the published recipe (mmseg: SGD 0.01, momentum 0.9, wd 5e-4, poly 0.9,
-80k iterations, global batch 8). `params.batch_size` is the global batch: under torchrun each
+80k iterations, global batch 8). `tp` is always the train section (TrainParams; the stage layer's
+`p` is the whole Params). `tp.batch_size` is the global batch: under torchrun each
 of N ranks takes batch_size / N, so the LR of the recipe holds for any number of GPUs and a
 resumed run may change N.
 
@@ -63,7 +64,7 @@ class Callbacks:
 
 
 def train(
-    p: TrainParams,
+    tp: TrainParams,
     train_shards,
     val_shards,
     out_dir: Path | str,
@@ -82,19 +83,19 @@ def train(
     cb = callbacks or Callbacks()
     out_dir = Path(out_dir)
     rank, world = rank_world()
-    device = _device(p.device)
-    local_batch = _local_batch(p, world)
-    cfg = model_config(p, spec.num_classes)
+    device = _device(tp.device)
+    local_batch = _local_batch(tp, world)
+    cfg = model_config(tp, spec.num_classes)
     ckpt = _load_last(out_dir / LAST, cfg) if resume else None
     start = int(ckpt["step"]) if ckpt else 0
 
     # every rank its own dropout; the same seed, the same run
-    torch.manual_seed(p.seed + rank)
-    random.seed(p.seed + rank)
-    model = _build_model(cfg, p, ckpt, device, start)
-    loss_fn = _loss(p, spec, class_counts, device)
-    optimizer = build_optimizer(p, list(model.parameters()), device)
-    amp_dtype, use_scaler = amp_setting(p.amp, device)
+    torch.manual_seed(tp.seed + rank)
+    random.seed(tp.seed + rank)
+    model = _build_model(cfg, tp, ckpt, device, start)
+    loss_fn = _loss(tp, spec, class_counts, device)
+    optimizer = build_optimizer(tp, list(model.parameters()), device)
+    amp_dtype, use_scaler = amp_setting(tp.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     best: list[dict] = []  # [{"miou", "step", "path"}], best first
     history: list[dict] = []  # one row per report: step, loss, lr (+ val_miou)
@@ -105,14 +106,14 @@ def train(
         log.info("resumed from %s at step %d", out_dir / LAST, start)
     if rank == 0:
         _tidy_snapshots(out_dir, best)
-    compiled = p.compile is True or (p.compile == "auto" and device.type == "cuda")
-    forward_loss = build_forward_loss(model, loss_fn, p.aux_weight, device, compiled)
-    batches = _train_batches(p, train_shards, rank, world, local_batch, start, device)
+    compiled = tp.compile is True or (tp.compile == "auto" and device.type == "cuda")
+    forward_loss = build_forward_loss(model, loss_fn, tp.aux_weight, device, compiled)
+    batches = _train_batches(tp, train_shards, rank, world, local_batch, start, device)
     if ckpt is not None:  # after the DataLoader drew its base seed from the global RNG
         _set_rng_state(ckpt["rng"], device)
-    augment = BatchAugment(tuple(p.crop_size), tuple(p.scale_range), p.flip, spec.ignore_index)
-    channels_last = p.channels_last and device.type == "cuda"  # on CPU it measured slower
-    frozen_bn = p.freeze_bn or model.output_stride == 8 and p.os8_from is not None
+    augment = BatchAugment(tuple(tp.crop_size), tuple(tp.scale_range), tp.flip, spec.ignore_index)
+    channels_last = tp.channels_last and device.type == "cuda"  # on CPU it measured slower
+    frozen_bn = tp.freeze_bn or model.output_stride == 8 and tp.os8_from is not None
 
     def save_last(step: int) -> None:
         if rank == 0:
@@ -126,7 +127,7 @@ def train(
                     "scaler": scaler.state_dict(),
                     "step": step,
                     "rng": _rng_state(device),
-                    "params": dataclasses.asdict(p),
+                    "params": dataclasses.asdict(tp),
                     "best": best,
                     "history": history,
                 },
@@ -137,36 +138,36 @@ def train(
     loss_sum = torch.zeros((), device=device)  # summed on the device, read at each report
     reported, t_report = start, time.perf_counter()
     done = start
-    for step in range(start, p.iterations):
-        if step == p.os8_from and model.output_stride != 8:
+    for step in range(start, tp.iterations):
+        if step == tp.os8_from and model.output_stride != 8:
             model.set_output_stride(8)  # DeepLabV3 paper, Sec. 4.1: fine-tune at OS8, BN frozen
             frozen_bn = True
-            forward_loss = build_forward_loss(model, loss_fn, p.aux_weight, device, compiled)
-        lr = lr_at(p, step)
+            forward_loss = build_forward_loss(model, loss_fn, tp.aux_weight, device, compiled)
+        lr = lr_at(tp, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
         if frozen_bn:  # model.train() put every BatchNorm back into training mode
             freeze_bn(model)
-        g = step_generator(p.seed, step, rank)  # this step's scales, crops, flips, colours
-        for _ in range(p.grad_accum):
+        g = step_generator(tp.seed, step, rank)  # this step's scales, crops, flips, colours
+        for _ in range(tp.grad_accum):
             batch = next(batches)
-            x, y = prepare_batch(batch, augment, g, p.photometric, device, channels_last)
+            x, y = prepare_batch(batch, augment, g, tp.photometric, device, channels_last)
             with autocast(device, amp_dtype):
                 loss = forward_loss(x, y)  # x (B, 3, h, w) normalised, y (B, h, w) train ids
-            scaler.scale(loss / p.grad_accum).backward()
+            scaler.scale(loss / tp.grad_accum).backward()
             loss_sum += loss.detach()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
-        if done % p.log_every == 0 or done == p.iterations:
-            mean_loss = float(loss_sum) / ((done - reported) * p.grad_accum)  # waits for the GPU
+        if done % tp.log_every == 0 or done == tp.iterations:
+            mean_loss = float(loss_sum) / ((done - reported) * tp.grad_accum)  # waits for the GPU
             now = time.perf_counter()
-            images = (done - reported) * local_batch * p.grad_accum * world
+            images = (done - reported) * local_batch * tp.grad_accum * world
             info = {
-                "step": done, "total": p.iterations, "loss": mean_loss, "lr": lr,
+                "step": done, "total": tp.iterations, "loss": mean_loss, "lr": lr,
                 "images_per_s": images / max(now - t_report, 1e-9),
             }  # fmt: skip
             loss_sum.zero_()
@@ -175,16 +176,16 @@ def train(
             if rank == 0:
                 cb.on_step(info)
 
-        if val_shards is not None and (done % p.val_interval == 0 or done == p.iterations):
-            metrics = _validate(model, val_shards, spec, device, amp_dtype, local_batch, p.workers)
+        if val_shards is not None and (done % tp.val_interval == 0 or done == tp.iterations):
+            metrics = _validate(model, val_shards, spec, device, amp_dtype, local_batch, tp.workers)
             if not history or history[-1]["step"] != done:
                 history.append({"step": done})
             history[-1]["val_miou"] = metrics["miou"]
             if rank == 0:
                 cb.on_eval(done, metrics)
-                best = _keep_best(best, metrics["miou"], done, model, cfg, spec.name, out_dir, p)
+                best = _keep_best(best, metrics["miou"], done, model, cfg, spec.name, out_dir, tp)
             t_report = time.perf_counter()  # images/s counts training only
-        if done % p.checkpoint_interval == 0 or done == p.iterations:
+        if done % tp.checkpoint_interval == 0 or done == tp.iterations:
             save_last(done)
         if stop_after is not None and done >= stop_after:
             save_last(done)
@@ -253,8 +254,8 @@ def build_forward_loss(
 # ----------------------------------------------------------------------------- set-up
 
 
-def model_config(p: TrainParams, num_classes: int) -> dict:
-    m = p.model
+def model_config(tp: TrainParams, num_classes: int) -> dict:
+    m = tp.model
     return {
         "arch": m.arch,
         "backbone": m.backbone,
@@ -276,13 +277,13 @@ def freeze_bn(model: nn.Module) -> None:
                 param.requires_grad_(False)
 
 
-def lr_at(p: TrainParams, step: int) -> float:
+def lr_at(tp: TrainParams, step: int) -> float:
     """Linear warm-up over `warmup_iters`, then poly (power 0.9) or cosine to `min_lr`."""
-    if step < p.warmup_iters:
-        return p.lr * (step + 1) / p.warmup_iters
-    if p.schedule == "cosine":
-        return cosine_lr(step, p.iterations, p.lr, p.min_lr)
-    return poly_lr(step, p.iterations, p.lr, p.poly_power, p.min_lr)
+    if step < tp.warmup_iters:
+        return tp.lr * (step + 1) / tp.warmup_iters
+    if tp.schedule == "cosine":
+        return cosine_lr(step, tp.iterations, tp.lr, tp.min_lr)
+    return poly_lr(step, tp.iterations, tp.lr, tp.poly_power, tp.min_lr)
 
 
 def _device(name: str) -> torch.device:
@@ -292,13 +293,13 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _local_batch(p: TrainParams, world: int) -> int:
-    if p.batch_size % world:
-        raise ConfigError(f"train.batch_size {p.batch_size} is not divisible by {world} processes")
-    local = p.batch_size // world
-    if local < 2 and not p.freeze_bn:
+def _local_batch(tp: TrainParams, world: int) -> int:
+    if tp.batch_size % world:
+        raise ConfigError(f"train.batch_size {tp.batch_size} is not divisible by {world} processes")
+    local = tp.batch_size // world
+    if local < 2 and not tp.freeze_bn:
         raise ConfigError(
-            f"train.batch_size {p.batch_size} over {world} process(es) is {local} image per "
+            f"train.batch_size {tp.batch_size} over {world} process(es) is {local} image per "
             "step: BatchNorm (ASPP image pooling) needs >= 2 per process, or train.freeze_bn: true"
         )
     return local
@@ -316,61 +317,61 @@ def _load_last(path: Path, cfg: dict) -> dict:
 
 
 def _build_model(
-    cfg: dict, p: TrainParams, ckpt: dict | None, device: torch.device, start: int
+    cfg: dict, tp: TrainParams, ckpt: dict | None, device: torch.device, start: int
 ) -> nn.Module:
     """The network at the state of step `start`: output stride, weights, frozen BatchNorm,
     SyncBatchNorm across GPUs, on the device (channels-last on CUDA)."""
     from pipeline.models import build_model
 
     model = build_model(**cfg)
-    if p.os8_from is not None and start >= p.os8_from:
+    if tp.os8_from is not None and start >= tp.os8_from:
         model.set_output_stride(8)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    if p.freeze_bn or model.output_stride == 8 and p.os8_from is not None:
+    if tp.freeze_bn or model.output_stride == 8 and tp.os8_from is not None:
         freeze_bn(model)
     if is_distributed() and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    if p.channels_last and device.type == "cuda":
+    if tp.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return model
 
 
 def _loss(
-    p: TrainParams, spec: DatasetSpec, class_counts: np.ndarray | None, device: torch.device
+    tp: TrainParams, spec: DatasetSpec, class_counts: np.ndarray | None, device: torch.device
 ) -> SegLoss:
     weights = None
-    if p.class_weights == "inverse_log":
+    if tp.class_weights == "inverse_log":
         if class_counts is None:
             raise ConfigError(
                 "train.class_weights: inverse_log needs the manifest's class pixel counts"
             )
         weights = inverse_log_weights(class_counts).to(device)
     return SegLoss(
-        spec.num_classes, p.loss, weights, p.label_smoothing, p.ohem, p.ohem_thresh,
-        p.ohem_min_kept, spec.ignore_index,
+        spec.num_classes, tp.loss, weights, tp.label_smoothing, tp.ohem, tp.ohem_thresh,
+        tp.ohem_min_kept, spec.ignore_index,
     ).to(device)  # fmt: skip
 
 
-def build_optimizer(p: TrainParams, params: list, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(tp: TrainParams, params: list, device: torch.device) -> torch.optim.Optimizer:
     """All parameters, frozen BatchNorm too: the groups must match across an OS8 switch and a
     resume. One fused kernel per step on CUDA instead of one launch per parameter tensor."""
     fused = {"fused": True} if device.type == "cuda" else {}
-    match p.optimizer:
+    match tp.optimizer:
         case "sgd":
             return torch.optim.SGD(
-                params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, **fused
+                params, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay, **fused
             )
         case "adam":
-            return torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay, **fused)
+            return torch.optim.Adam(params, lr=tp.lr, weight_decay=tp.weight_decay, **fused)
         case "adamw":
-            return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay, **fused)
-    raise ConfigError(f"train.optimizer: {p.optimizer!r} is not one of sgd, adam, adamw")
+            return torch.optim.AdamW(params, lr=tp.lr, weight_decay=tp.weight_decay, **fused)
+    raise ConfigError(f"train.optimizer: {tp.optimizer!r} is not one of sgd, adam, adamw")
 
 
 def _train_batches(
-    p: TrainParams,
+    tp: TrainParams,
     shards,
     rank: int,
     world: int,
@@ -380,13 +381,13 @@ def _train_batches(
 ) -> Iterator[dict]:
     """Decoded batches (see collate_train), continuing where step `start` left the stream."""
     stream = TrainStream(
-        shards, seed=p.seed, rank=rank, world_size=world, shuffle_buffer=p.shuffle_buffer,
-        skip=skip_for_resume(start * p.grad_accum, local_batch, p.workers),
+        shards, seed=tp.seed, rank=rank, world_size=world, shuffle_buffer=tp.shuffle_buffer,
+        skip=skip_for_resume(start * tp.grad_accum, local_batch, tp.workers),
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=local_batch, num_workers=p.workers, collate_fn=collate_train,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if p.workers else None,
-        multiprocessing_context=worker_context(p.workers),
+        stream, batch_size=local_batch, num_workers=tp.workers, collate_fn=collate_train,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if tp.workers else None,
+        multiprocessing_context=worker_context(tp.workers),
     )  # fmt: skip
     return iter(loader)
 
@@ -456,7 +457,7 @@ def _keep_best(
     cfg: dict,
     dataset: str,
     out_dir: Path,
-    p: TrainParams,
+    tp: TrainParams,
 ) -> list[dict]:
     """Keep the k best snapshots by val mIoU (for `seg average`); best.pt is the top one."""
     snap = {
@@ -464,11 +465,11 @@ def _keep_best(
         "model_config": cfg,
         "dataset": dataset,
         "output_stride": model.output_stride,
-        "params": dataclasses.asdict(p),
+        "params": dataclasses.asdict(tp),
         "step": step,
         "val_miou": miou,
     }
-    k = p.keep_best
+    k = tp.keep_best
     entry = {"miou": float(miou), "step": step, "path": str(out_dir / f"best-{step:07d}.pt")}
     ranked = sorted([*best, entry], key=lambda e: (-e["miou"], e["step"]))
     keep, drop = ranked[:k], ranked[k:]
