@@ -269,3 +269,25 @@ def test_recipe_writes_camvid_params(camvid_root, tmp_path):
     flat = dict(leaves(p))
     assert all(flat[k] == v for k, v in leaves(recipe)), "every recipe key lands in params.yaml"
     assert (tmp_path / "params.yaml.bak").is_file()
+
+
+@pytest.mark.parametrize("name", ["cityscapes", "camvid"])
+def test_recipes_set_every_demo_only_choice(name):
+    """The shipped params.yaml is the CPU demo: where it differs from the library's defaults
+    (more iterations, class weights, a narrower scale range, test-time scales, ...), a recipe
+    must say its own value, or the demo's choice leaks into a real dataset's run."""
+    from pipeline.params import Params, yaml_load
+
+    def leaves(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "loss" else [(prefix + k, v)]  # fmt: skip
+
+    repo = Path(__file__).resolve().parents[1]
+    shipped = dict(leaves(yaml_load((repo / "params.yaml").read_text())))
+    defaults = dict(leaves(Params().to_dict()))
+    recipe = dict(leaves(yaml_load((repo / "recipes" / f"{name}.yaml").read_text())))
+    where = ("train.", "evaluate.")  # data/synth/preprocess: paths and the demo's own data
+    demo_only = {k for k, v in shipped.items() if k.startswith(where) and defaults.get(k) != v}
+    assert {"train.iterations", "train.class_weights", "evaluate.scales"} <= demo_only
+    left = sorted(demo_only - set(recipe))
+    assert not left, f"recipes/{name}.yaml leaves the demo's values of {left} in place"
