@@ -113,12 +113,10 @@ LEARN = {
 LEARNED_MIOU = 0.15
 
 
-@pytest.fixture(scope="session")
-def learned_project(tmp_path_factory) -> Path:
-    """A tiny project trained for 300 steps (LEARN; shared, read-only: copy before changing)."""
+def _trained(path: Path) -> Path:
+    """`steps.train` in the project at `path`, with its params.yaml."""
     from stages import steps
 
-    path = make_project(tmp_path_factory.mktemp("learned"), **LEARN)
     cwd = os.getcwd()
     os.chdir(path)
     try:
@@ -126,18 +124,15 @@ def learned_project(tmp_path_factory) -> Path:
     finally:
         os.chdir(cwd)
     return path
+
+
+@pytest.fixture(scope="session")
+def learned_project(tmp_path_factory) -> Path:
+    """A tiny project trained for 300 steps (LEARN; shared, read-only: copy before changing)."""
+    return _trained(make_project(tmp_path_factory.mktemp("learned"), **LEARN))
 
 
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory) -> Path:
     """A tiny project trained for 4 steps (shared, read-only for tests: copy before changing)."""
-    from stages import steps
-
-    path = make_project(tmp_path_factory.mktemp("proj"))
-    cwd = os.getcwd()
-    os.chdir(path)
-    try:
-        steps.train(steps.load("params.yaml"))
-    finally:
-        os.chdir(cwd)
-    return path
+    return _trained(make_project(tmp_path_factory.mktemp("proj")))
