@@ -68,6 +68,13 @@ timeout 60 "$PY" benchmarks/train_throughput.py "${BENCH_MODEL[@]}" "${BENCH_DEV
   --batch $BATCH --steps $STEPS --warmup $WARM --configs plain --cudnn-benchmark off \
   --json "$OUT/step_nobench.json" | tee "$OUT/step_nobench.txt"
 
+if [ $TOY = 0 ]; then  # CUDA graphs: worth adopting in the loop only if this beats the step above
+  log "step: ours with CUDA graphs (torch.compile mode reduce-overhead)"
+  timeout 75 "$PY" benchmarks/train_throughput.py "${BENCH_MODEL[@]}" "${BENCH_DEV[@]}" --crop $CROP \
+    --batch $BATCH --steps $STEPS --warmup $WARM --configs ours --compile-mode reduce-overhead \
+    --json "$OUT/step_cudagraphs.json" | tee "$OUT/step_cudagraphs.txt"
+fi
+
 log "loader: our step fed by $WORKERS decode workers, synthetic ${H}x${W} shards"
 timeout 90 "$PY" benchmarks/train_throughput.py --mode loader "${BENCH_MODEL[@]}" "${BENCH_DEV[@]}" \
   --crop $CROP --batch $BATCH --steps $STEPS --warmup $WARM --shards "$WORK/shards/train" \

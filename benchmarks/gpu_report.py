@@ -63,6 +63,12 @@ def report(out: Path) -> str:
         speed = ours["images_per_s"] / plain["images_per_s"] if plain else None
         add(f"step, {ours['name']}", f"{ours['images_per_s']:.1f} img/s ({_f(speed, '{:.2f}')}x), "
             f"MFU {_f(ours.get('mfu_pct'))} %, peak {_f(ours.get('steady'))} GiB", ">= 2.5x, >= 20 %")  # fmt: skip
+    graphs = _rows("step_cudagraphs", out).get("ours")
+    if graphs:
+        speed = graphs["images_per_s"] / ours["images_per_s"] if ours else None
+        add("same, + CUDA graphs (compile mode reduce-overhead)",
+            f"{graphs['images_per_s']:.1f} img/s ({_f(speed, '{:.2f}')}x ours), peak {_f(graphs.get('steady'))} GiB",
+            "adopt in the loop if > 1.0x")  # fmt: skip
     if loader:
         fed = loader.get("step, fed by the shard loader", {}).get("images_per_s")
         over = loader.get("overhead_pct", {}).get("value")

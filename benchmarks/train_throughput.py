@@ -68,7 +68,7 @@ class Step:
         self.model = model.to(device).train()
         loss_fn = SegLoss(num_classes).to(device)
         if not ours:  # plain: fp32, NCHW, eager, torch.optim.SGD's default (foreach) kernel
-            self.amp, self.scaler, self.channels_last = None, None, False
+            self.amp, self.scaler, self.channels_last, self.cudagraphs = None, None, False, False
             self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
 
             def forward_loss(x, y):
@@ -87,12 +87,15 @@ class Step:
         p = TrainParams(lr=0.01)
         self.opt = build_optimizer(p, list(self.model.parameters()), device)
         self.forward_loss = build_forward_loss(
-            self.model, loss_fn, p.aux_weight, device, args.compile
+            self.model, loss_fn, p.aux_weight, device, args.compile, args.compile_mode
         )
+        self.cudagraphs = args.compile and args.compile_mode == "reduce-overhead"
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs' outputs may be reused
         with autocast(self.device, self.amp):
             loss = self.forward_loss(x, y)
         if self.scaler is not None:
@@ -169,7 +172,11 @@ def bench_step(args, device: torch.device, model: torch.nn.Module, flops: int) -
             name = (
                 f"ours: {str(step.amp).replace('torch.', '') if step.amp else 'fp32'}"
                 + (" + channels_last" if step.channels_last else "")
-                + (" + compile" if args.compile else "")
+                + (
+                    f" + compile{f' ({args.compile_mode})' if args.compile_mode else ''}"
+                    if args.compile
+                    else ""
+                )
                 + (" + fused SGD" if device.type == "cuda" else "")
             )
         sec, mem = time_steps(step, repeat(x, y), args.warmup, args.steps)
@@ -250,6 +257,8 @@ def main() -> None:
                     help="ours: auto = bf16 / fp16+scaler on CUDA, off on CPU")  # fmt: skip
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="ours without torch.compile")  # fmt: skip
+    ap.add_argument("--compile-mode", choices=("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                    default=None, help="torch.compile mode (reduce-overhead = CUDA graphs)")  # fmt: skip
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
                     help="cuDNN autotuning (the train loop turns it on)")  # fmt: skip

@@ -231,10 +231,13 @@ def build_forward_loss(
     aux_weight: float,
     device: torch.device,
     compiled: bool,
+    mode: str | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(x, y) -> loss through the model (DDP-wrapped when distributed), optionally compiled
     with the loss: one graph from the input to the scalar, the full-resolution logits and
-    their cross-entropy fused. Rebuilt when the model changes shape (the OS8 switch)."""
+    their cross-entropy fused. Rebuilt when the model changes shape (the OS8 switch). `mode`
+    is torch.compile's (benchmarks/train_throughput.py --compile-mode measures CUDA graphs,
+    "reduce-overhead", against the default before the loop adopts it)."""
     net = model
     if is_distributed():
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -248,7 +251,7 @@ def build_forward_loss(
             loss = loss + aux_weight * loss_fn(out["aux"], y)
         return loss
 
-    return torch.compile(forward_loss) if compiled else forward_loss
+    return torch.compile(forward_loss, mode=mode) if compiled else forward_loss
 
 
 # ----------------------------------------------------------------------------- set-up
