@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +49,9 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
+TIMEOUT_S = 300  # one command's limit
+
+
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command in `cwd` (a project made by `_new_project`); fail with its output."""
     home = cwd.parent / f"{cwd.name}-home"
@@ -57,9 +61,20 @@ def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
         "[commit]\n\tgpgsign = false\n"
     )
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        list(args), cwd=cwd, env=_env(home), capture_output=True, text=True, timeout=300
-    )
+    # its own process group: on a timeout the stage's `seg train` goes with `dvc`, not on
+    with subprocess.Popen(
+        list(args), cwd=cwd, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    ) as child:  # fmt: skip
+        try:
+            out, err = child.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            out, err = child.communicate()
+            pytest.fail(
+                f"{' '.join(args)}: over {TIMEOUT_S} s\n--- stdout\n{out}\n--- stderr\n{err}"
+            )
+    proc = subprocess.CompletedProcess(list(args), child.returncode, out, err)
     took = time.perf_counter() - t0
     name = " ".join(Path(args[0]).name if i == 0 else a for i, a in enumerate(args))
     print(f"[{took:6.1f}s] {name}")  # shown by `pytest -s`
