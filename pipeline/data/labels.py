@@ -207,14 +207,19 @@ def vkitti2_spec(
 ) -> DatasetSpec:
     """Virtual KITTI 2: colour masks are mapped to class indices by the adapter through
     colors.txt, so the stored label PNG already holds train ids ("Undefined" -> 255)."""
+    return _identity_spec("vkitti2", classes, (*range(len(classes)), IGNORE_INDEX))
+
+
+def _identity_spec(name: str, classes: tuple, valid_ids) -> DatasetSpec:
+    """A dataset whose label PNG value is the class index (0..n-1, anything else -> 255);
+    `valid_ids` are the values a label may hold at all (the rest are a named error)."""
     n = len(classes)
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lut[:n] = np.arange(n)
     valid = np.zeros(256, dtype=bool)
-    valid[:n] = True
-    valid[IGNORE_INDEX] = True
+    valid[list(valid_ids)] = True
     return DatasetSpec(
-        name="vkitti2",
+        name=name,
         class_names=tuple(c[0] for c in classes),
         palette=tuple(c[1] for c in classes),
         label_to_train=lut,
@@ -236,18 +241,8 @@ CAMVID_VOID = 11
 
 
 def _camvid() -> DatasetSpec:
-    n = len(CAMVID_CLASSES)
-    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    lut[:n] = np.arange(n)
-    valid = np.zeros(256, dtype=bool)
-    valid[: CAMVID_VOID + 1] = True  # 0..10 classes, 11 void; anything else is not CamVid
-    return DatasetSpec(
-        name="camvid",
-        class_names=tuple(c[0] for c in CAMVID_CLASSES),
-        palette=tuple(c[1] for c in CAMVID_CLASSES),
-        label_to_train=lut,
-        valid_label_ids=valid,
-    )
+    # 0..10 classes, 11 void (-> 255); anything else is not CamVid
+    return _identity_spec("camvid", CAMVID_CLASSES, range(CAMVID_VOID + 1))
 
 
 _SPECS = {"cityscapes": _cityscapes, "voc": _voc, "vkitti2": vkitti2_spec, "camvid": _camvid}
