@@ -37,7 +37,7 @@ class Topology:
         return self.nproc_per_node * self.nnodes
 
 
-def check_topology(t: Topology, device: str) -> None:
+def check_topology(t: Topology, device: str, device_key: str = "train.device") -> None:
     """Fail before starting any process when the topology cannot run here.
 
     `device` is train.device (auto | cpu | cuda). CPU processes (gloo) are only started
@@ -57,7 +57,7 @@ def check_topology(t: Topology, device: str) -> None:
     if not torch.cuda.is_available():
         raise ConfigError(
             f"--gpus {t.nproc_per_node}: no CUDA device on this machine. To run "
-            f"{t.nproc_per_node} CPU processes (gloo backend) instead, add -S train.device=cpu"
+            f"{t.nproc_per_node} CPU processes (gloo backend) instead, add -S {device_key}=cpu"
         )
     n = torch.cuda.device_count()
     if t.nproc_per_node > n:
@@ -106,7 +106,8 @@ def run(cmd: Sequence[str], env: dict | None = None) -> int:
         return 130
 
 
-def launch(t: Topology, args: Sequence[str], device: str) -> int:
-    """Check the topology, then run `seg ARGS` under torchrun; returns torchrun's exit code."""
-    check_topology(t, device)
+def launch(t: Topology, args: Sequence[str], device: str, device_key: str) -> int:
+    """Check the topology, then run `seg ARGS` under torchrun; returns torchrun's exit code.
+    `device_key` is the param that holds `device` (train.device, evaluate.device)."""
+    check_topology(t, device, device_key)
     return run(torchrun_command(t, args))

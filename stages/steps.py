@@ -278,6 +278,8 @@ def evaluate(
         model, source, spec, device, opts, batch_size=e.batch_size, workers=e.workers,
         rank=rank, world_size=world, progress=progress,
     )  # fmt: skip
+    if rank != 0:  # rank 0 writes the results; the others only scored their share
+        return metrics
     metrics["provenance"] = {
         "git": provenance.git_state(),
         "params_hash": params_hash(p),
@@ -296,8 +298,6 @@ def evaluate(
     }
     if fold_info is not None:
         metrics["provenance"]["fold"] = fold_info
-    if rank != 0:
-        return metrics
     _write_json(out / "metrics.json", metrics)
     _write_json(
         out / "per_class_iou.json",

@@ -114,6 +114,11 @@ def test_gpus_without_cuda_says_how_to_run_on_cpu(proj: Path):
     )
     assert res.exit_code == 1
     assert "no CUDA device" in res.output and "train.device=cpu" in res.output
+    res = CliRunner().invoke(  # eval names its own key
+        app, ["eval", "--gpus", "2", "-p", str(proj / "params.yaml"), "-S", "evaluate.device=auto"]
+    )
+    assert res.exit_code == 1
+    assert "no CUDA device" in res.output and "evaluate.device=cpu" in res.output
 
 
 # ----------------------------------------------------------------------------- torchrun

@@ -87,7 +87,11 @@ def train(
     )
     if (gpus or nnodes > 1) and not distributed.in_worker():
         topo = launch.Topology(max(gpus, 1), nnodes, node_rank, master_addr, master_port)
-        _exit_with(launch.launch(topo, launch.train_args(params, set_, mode), p.train.device))
+        _exit_with(
+            launch.launch(
+                topo, launch.train_args(params, set_, mode), p.train.device, "train.device"
+            )
+        )
         return
     rank = distributed.init_from_env(p.train.device).rank  # no-op outside torchrun
     try:
@@ -162,7 +166,7 @@ def evaluate(
             if v
         ]
         args = launch.worker_args("eval", params, set_, *extra)
-        _exit_with(launch.launch(launch.Topology(gpus), args, p.evaluate.device))
+        _exit_with(launch.launch(launch.Topology(gpus), args, p.evaluate.device, "evaluate.device"))
         return
     rank = distributed.init_from_env(p.evaluate.device).rank  # no-op outside torchrun
     try:
