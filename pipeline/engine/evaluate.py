@@ -21,7 +21,6 @@ from pipeline.data.labels import DatasetSpec
 from pipeline.data.readers import eval_loader
 from pipeline.data.transforms import normalize
 from pipeline.engine.device import autocast
-from pipeline.engine.distributed import is_distributed
 from pipeline.engine.inference import predict_scores
 from pipeline.errors import DataError
 from pipeline.metrics import SegMetrics
@@ -85,7 +84,7 @@ def evaluate(
         shards, batch_size, workers, rank, world_size, pin_memory=device.type == "cuda",
         instance=use_instances,
     )  # fmt: skip
-    total = loader.dataset.num_samples()
+    total = loader.dataset.num_samples() if progress else None  # without a manifest: a read
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     done, t0 = 0, time.perf_counter()
@@ -104,7 +103,7 @@ def evaluate(
             done += len(b["key"])
         if progress:
             progress(done, total)
-    if is_distributed():  # every rank scored its slice: sum the counts
+    if world_size > 1:  # every rank scored its slice: sum the counts
         for t in metrics.tensors():
             torch.distributed.all_reduce(t)
     result = metrics.compute()

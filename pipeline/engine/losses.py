@@ -72,13 +72,13 @@ class SegLoss(nn.Module):
     def _hard_pixels(self, logits, target, valid) -> torch.Tensor:
         """mmseg's OHEMPixelSampler: keep pixels whose true-class probability is below
         `thresh`, and at least `min_kept` of the hardest ones. All on the device: the k-th
-        smallest probability is read from a sort at a tensor index, never copied to the host."""
+        smallest probability (kthvalue, no sort) stays a tensor, never copied to the host.
+        Ignored pixels count as probability 1.0: with fewer valid pixels than `min_kept`, the
+        threshold reaches 1.0 and every valid pixel is kept (the caller masks with `valid`)."""
         true = target.clamp(max=self.num_classes - 1).unsqueeze(1)
         prob = logits.softmax(1).gather(1, true)[:, 0].masked_fill(~valid, 1.0)
-        k = torch.clamp(valid.sum(), max=self.ohem_min_kept)  # min(min_kept, valid pixels)
-        kth = prob.flatten().sort().values[(k - 1).clamp(min=0)]
-        thresh = torch.where(k > 0, kth.clamp(min=self.ohem_thresh), self.ohem_thresh)
-        return prob <= thresh
+        kth = prob.flatten().kthvalue(min(self.ohem_min_kept, prob.numel())).values
+        return prob <= kth.clamp(min=self.ohem_thresh)
 
     def dice(self, logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
         """Soft multi-class Dice over valid pixels, mean over classes (smoothed with eps)."""

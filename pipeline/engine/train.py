@@ -177,6 +177,7 @@ def train(
                 cb.on_step(info)
 
         if val_shards is not None and (done % tp.val_interval == 0 or done == tp.iterations):
+            t_val = time.perf_counter()
             metrics = _validate(model, val_shards, spec, device, amp_dtype, local_batch, tp.workers)
             if not history or history[-1]["step"] != done:
                 history.append({"step": done})
@@ -184,7 +185,7 @@ def train(
             if rank == 0:
                 cb.on_eval(done, metrics)
                 best = _keep_best(best, metrics["miou"], done, model, cfg, spec.name, out_dir, tp)
-            t_report = time.perf_counter()  # images/s counts training only
+            t_report += time.perf_counter() - t_val  # images/s counts training only
         if done % tp.checkpoint_interval == 0 or done == tp.iterations:
             save_last(done)
         if stop_after is not None and done >= stop_after:
