@@ -136,6 +136,11 @@ class Resume(str, Enum):
     AUTO = "auto"  # continue an unfinished run of the same params, else start a new one
     #                (`seg train --auto-resume`: dvc repro, the flows)
 
+    @classmethod
+    def from_flags(cls, resume: bool, auto_resume: bool) -> Resume:
+        """The mode of `seg train [--resume | --auto-resume]`."""
+        return cls.AUTO if auto_resume else cls.CONTINUE if resume else cls.NEW
+
 
 class _Log:
     """Training callbacks -> DVCLive (metrics and plots dvc understands) where it is installed,
@@ -205,7 +210,7 @@ def train(
 
     out = train_dir(p)
     train_src, val_src = shard_dir(p, p.data.train_split), shard_dir(p, p.data.val_split)
-    _check_dataset(shard_dir(p, p.data.train_split), p.data.dataset)
+    _check_dataset(train_src, p.data.dataset)
     resume = Resume(resume)
     if fold is None:
         counts = class_pixel_counts(train_src)
@@ -381,7 +386,7 @@ def _fold_training(p: Params, fold: int, strict: bool):
     (data.folds changed while a run was unfinished)."""
     import hashlib
 
-    from pipeline.data.folds import class_pixel_counts
+    from pipeline.data.shards import class_pixel_counts
     from pipeline.errors import CheckpointError
 
     train_src, val_src, _ = _fold_parts(p, fold)

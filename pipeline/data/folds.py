@@ -106,13 +106,6 @@ def fold_keys(doc: dict, fold: int) -> tuple[frozenset[str], frozenset[str]]:
     return train, val
 
 
-def class_pixel_counts(shard_dir: Path | str, keys: frozenset[str]) -> np.ndarray:
-    """(num_classes,) pixel counts over the samples `keys` of a split (class weights of a fold)."""
-    table = read_manifest(shard_dir).select(["key", "class_pixels", "error"]).to_pylist()
-    counts = [r["class_pixels"] for r in table if r["error"] is None and r["key"] in keys]
-    return np.asarray(counts, dtype=np.int64).sum(axis=0)
-
-
 def summarize(per_fold: Sequence[dict]) -> dict:
     """Mean and standard deviation over folds of mIoU, pixel accuracy and each class's IoU.
 

@@ -335,8 +335,13 @@ def manifest_info(shard_dir: Path | str) -> dict:
     return meta
 
 
-def class_pixel_counts(shard_dir: Path | str) -> np.ndarray:
-    """(num_classes,) int64 pixel counts over the split's written samples."""
-    table = read_manifest(shard_dir)
-    counts = [c for c in table.column("class_pixels").to_pylist() if c is not None]
+def class_pixel_counts(shard_dir: Path | str, keys: frozenset[str] | None = None) -> np.ndarray:
+    """(num_classes,) int64 pixel counts over the split's written samples, or over those of
+    `keys` (a fold's training part)."""
+    rows = read_manifest(shard_dir).select(["key", "class_pixels"]).to_pylist()
+    counts = [
+        r["class_pixels"]
+        for r in rows
+        if r["class_pixels"] is not None and (keys is None or r["key"] in keys)
+    ]
     return np.asarray(counts, dtype=np.int64).sum(axis=0)

@@ -82,9 +82,7 @@ def train(
     from stages.progress import console, progress_bar
 
     p = steps.load(params, set_)
-    mode = (
-        steps.Resume.AUTO if auto_resume else steps.Resume.CONTINUE if resume else steps.Resume.NEW
-    )
+    mode = steps.Resume.from_flags(resume, auto_resume)
     if (gpus or nnodes > 1) and not distributed.in_worker():
         topo = launch.Topology(max(gpus, 1), nnodes, node_rank, master_addr, master_port)
         _exit_with(

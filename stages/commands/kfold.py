@@ -95,9 +95,7 @@ def train(
     from stages.progress import console, progress_bar
 
     p = steps.load(params, set_)
-    mode = (
-        steps.Resume.AUTO if auto_resume else steps.Resume.CONTINUE if resume else steps.Resume.NEW
-    )
+    mode = steps.Resume.from_flags(resume, auto_resume)
     with progress_bar(f"fold {fold}", "loss", "lr", "img_s") as update:
         summary = steps.train(p, resume=mode, sink=_RichProgress(update), fold=fold)
     console.print(
@@ -136,23 +134,19 @@ def summarize(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> N
 def _print_summary(summary: dict, path: Path) -> None:
     from rich.table import Table
 
-    from stages.progress import console
+    from stages.progress import console, pct
 
     if not summary.get("folds"):
         console.print(f"{path}: k-fold is off (data.folds: 0)")
         return
 
-    def pct(s: dict) -> tuple[str, str]:
-        mean = "-" if s["mean"] is None else f"{100 * s['mean']:.2f}"
-        std = "-" if s["std"] is None else f"{100 * s['std']:.2f}"
-        return mean, std
+    def mean_std(s: dict) -> tuple[str, str]:
+        return pct(s["mean"]), pct(s["std"])
 
     per_fold = "  ".join(
-        f"{k} {100 * v['miou']:.2f}"
-        for k, v in summary["per_fold"].items()
-        if v["miou"] is not None
+        f"{k} {pct(v['miou'])}" for k, v in summary["per_fold"].items() if v["miou"] is not None
     )
-    mean, std = pct(summary["miou"])
+    mean, std = mean_std(summary["miou"])
     table = Table(
         title=f"{summary['folds']}-fold {summary.get('dataset', '')}: mIoU {mean} ± {std}",
         caption=f"{per_fold}\nstd: sample std (ddof=1) over folds; n: folds where the class is scored",
@@ -160,8 +154,10 @@ def _print_summary(summary: dict, path: Path) -> None:
     for col in ("class", "IoU mean", "± std", "n"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, s in summary["per_class_iou"].items():
-        table.add_row(name, *pct(s), str(s["n"]))
+        table.add_row(name, *mean_std(s), str(s["n"]))
     table.add_section()
-    table.add_row("mIoU", *pct(summary["miou"]), str(summary["miou"]["n"]))
-    table.add_row("pixel acc", *pct(summary["pixel_accuracy"]), str(summary["pixel_accuracy"]["n"]))
+    table.add_row("mIoU", mean, std, str(summary["miou"]["n"]))
+    table.add_row(
+        "pixel acc", *mean_std(summary["pixel_accuracy"]), str(summary["pixel_accuracy"]["n"])
+    )
     console.print(table)
