@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.labels import get_spec
-from pipeline.data.pngio import read_png
-from pipeline.data.sources import SourceSample
+from pipeline.data.sources import SourceSample, read_index_label
 from pipeline.errors import DataError
 
 # The SegNet tutorial ships PNG frames; a copy re-encoded to save space has JPEGs.
@@ -69,10 +68,7 @@ class CamVidAdapter:
 
     def read_label(self, sample: SourceSample) -> np.ndarray:
         assert sample.label is not None
-        ids = read_png(sample.label)  # "L" or "P": the pixel value is the class id
-        if ids.ndim != 2:
-            raise DataError(
-                f"{sample.label}: CamVid labels must be single-channel PNGs whose value is the "
-                f"class id (0-10, 11 void), got shape {ids.shape}"
-            )
-        return self.spec.to_train_ids(ids, source=str(sample.label))
+        return read_index_label(
+            sample.label, self.spec, "CamVid labels must be single-channel PNGs whose value is "
+            "the class id (0-10, 11 void), got shape {shape}",
+        )  # fmt: skip

@@ -87,12 +87,20 @@ class CityscapesAdapter:
 
     def read_label(self, sample: SourceSample) -> np.ndarray:
         assert sample.label is not None
-        ids = read_png(sample.label)
-        if ids.ndim != 2:
-            raise DataError(
-                f"{sample.label}: labelIds must be a single-channel PNG, got shape {ids.shape}"
-            )
-        return self.spec.to_train_ids(ids, source=str(sample.label))
+        return read_index_label(
+            sample.label, self.spec, "labelIds must be a single-channel PNG, got shape {shape}"
+        )
+
+
+def read_index_label(path: Path, spec: DatasetSpec, bad_shape: str) -> np.ndarray:
+    """(H, W) uint8 train ids of a label PNG whose pixel value is the dataset's label id
+    ("L", "P" or "1"); a colour PNG is a DataError naming the file (`bad_shape`, with {shape})."""
+    ids = read_png(path)  # "P" / "L" stay indices: no mode conversion
+    if ids.ndim != 2:
+        raise DataError(f"{path}: " + bad_shape.format(shape=ids.shape))
+    if ids.dtype == bool:  # mode "1"
+        ids = ids.astype(np.uint8)
+    return spec.to_train_ids(ids, source=str(path))
 
 
 def get_adapter(dataset: str) -> Adapter:

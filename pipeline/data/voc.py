@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.labels import get_spec
-from pipeline.data.pngio import read_png
-from pipeline.data.sources import SourceSample
+from pipeline.data.sources import SourceSample, read_index_label
 from pipeline.errors import DataError
 
 
@@ -56,13 +55,8 @@ class VOCAdapter:
 
     def read_label(self, sample: SourceSample) -> np.ndarray:
         assert sample.label is not None
-        ids = read_png(sample.label)  # "P" / "L" stay indices: no mode conversion
-        if ids.ndim != 2:
-            raise DataError(
-                f"{sample.label}: VOC labels must be palette (P) or index (L) PNGs whose pixel value "
-                f"is the class, got a colour image of shape {ids.shape}; use the devkit's "
-                f"SegmentationClass PNGs or convert colours to class indices first"
-            )
-        if ids.dtype == bool:  # mode "1"
-            ids = ids.astype(np.uint8)
-        return self.spec.to_train_ids(ids, source=str(sample.label))
+        return read_index_label(
+            sample.label, self.spec, "VOC labels must be palette (P) or index (L) PNGs whose "
+            "pixel value is the class, got a colour image of shape {shape}; use the devkit's "
+            "SegmentationClass PNGs or convert colours to class indices first",
+        )  # fmt: skip
