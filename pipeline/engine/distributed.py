@@ -82,7 +82,7 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
 
 def cleanup() -> None:
     """Leave the process group (safe to call when none was made)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
 
 
@@ -93,7 +93,7 @@ def is_distributed() -> bool:
 
 def rank_world() -> tuple[int, int]:
     """(rank, world_size) of the initialised process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -109,6 +109,6 @@ def local_device(name: str = "auto") -> torch.device:
     from pipeline.engine.device import resolve_device
 
     device = resolve_device(name)
-    if device.type == "cuda" and dist.is_available() and dist.is_initialized():
+    if device.type == "cuda" and is_distributed():
         device = torch.device("cuda", torch.cuda.current_device())
     return device

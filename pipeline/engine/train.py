@@ -113,7 +113,7 @@ def train(
         _set_rng_state(ckpt["rng"], device)
     augment = BatchAugment(tuple(tp.crop_size), tuple(tp.scale_range), tp.flip, spec.ignore_index)
     channels_last = tp.channels_last and device.type == "cuda"  # on CPU it measured slower
-    frozen_bn = tp.freeze_bn or model.output_stride == 8 and tp.os8_from is not None
+    frozen_bn = _bn_frozen(tp, model)
 
     def save_last(step: int) -> None:
         if rank == 0:
@@ -272,6 +272,11 @@ def model_config(tp: TrainParams, num_classes: int) -> dict:
     }
 
 
+def _bn_frozen(tp: TrainParams, model) -> bool:
+    """BatchNorm trains no more: asked for, or after the OS16 -> OS8 switch (DeepLabV3, 4.1)."""
+    return tp.freeze_bn or (model.output_stride == 8 and tp.os8_from is not None)
+
+
 def freeze_bn(model: nn.Module) -> None:
     """BatchNorm in eval mode with frozen affine parameters (DeepLabV3's OS8 fine-tuning)."""
     for mod in model.modules():
@@ -332,7 +337,7 @@ def _build_model(
         model.set_output_stride(8)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    if tp.freeze_bn or model.output_stride == 8 and tp.os8_from is not None:
+    if _bn_frozen(tp, model):
         freeze_bn(model)
     if is_distributed() and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
