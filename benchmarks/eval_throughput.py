@@ -24,7 +24,7 @@ from pipeline.data.labels import get_spec
 from pipeline.data.readers import EvalReader, eval_loader
 from pipeline.data.shards import manifest_info
 from pipeline.engine.checkpoint import build_from_checkpoint
-from pipeline.engine.device import amp_setting
+from pipeline.engine.device import precision
 from pipeline.engine.evaluate import (
     InferenceOptions,
     evaluate,
@@ -93,7 +93,7 @@ def main() -> None:
     spec = get_spec(manifest_info(args.shards)["dataset"])
     print(f"# {device}, torch {torch.__version__}, {args.shards}")
     base = plain(model, args.shards, spec, device)
-    opts = InferenceOptions(amp=amp_setting(args.amp, device)[0])
+    opts = InferenceOptions(amp=precision(args.amp, device).dtype)
     ours, _ = evaluate(model, args.shards, spec, device, opts, args.batch, args.workers)
     print(
         f"  plain (decode here, batch 1, fp32)   {base['images_per_s']:8.2f} img/s  mIoU {100 * base['miou']:.2f}"

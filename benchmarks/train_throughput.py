@@ -12,7 +12,7 @@ step (not a test).
 Step mode times, on one model and one batch, (a) a plain fp32 eager loop (model, SegLoss,
 torch.optim.SGD, NCHW) and (b) the train loop's step, built by pipeline.engine.train's own
 functions: autocast (bf16 where the GPU has it, fp16 + GradScaler on older GPUs; on CPU
-only with --amp bf16), channels_last, the forward and the loss compiled together
+with native bf16, else fp32), channels_last, the forward and the loss compiled together
 (torch.compile; --no-compile to turn it off), a fused SGD. Steps run back to back and the
 device is waited for once at the end, as in the loop (which reads the loss every
 `log_every` steps). It prints images/s, the speedup, FLOP utilisation = 3 x forward FLOPs
@@ -38,7 +38,7 @@ import time
 import torch
 
 from pipeline.data.transforms import BatchAugment, step_generator
-from pipeline.engine.device import amp_setting, autocast
+from pipeline.engine.device import autocast, precision
 from pipeline.engine.losses import SegLoss
 from pipeline.engine.train import build_forward_loss, build_optimizer, prepare_batch
 from pipeline.errors import ConfigError
@@ -77,7 +77,8 @@ class Step:
             self.forward_loss = forward_loss
             return
         try:
-            self.amp, use_scaler = amp_setting(args.amp, device)
+            prec = precision(args.amp, device)
+            self.amp, use_scaler = prec.dtype, prec.scaler
         except ConfigError as exc:
             raise SystemExit(str(exc)) from None
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)

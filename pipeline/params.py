@@ -91,9 +91,9 @@ class TrainParams:
     ohem_thresh: float = 0.7  # mmseg OHEMPixelSampler
     ohem_min_kept: int = 100000
     aux_weight: float = 0.4  # mmseg auxiliary FCN head weight
-    amp: str = "auto"  # auto | bf16 | fp16 | off   (auto: bf16 where the GPU has it, else fp16; off on CPU)
+    amp: str = "auto"  # auto | bf16 | fp16 | off; auto follows the hardware (engine/device.py)
     channels_last: bool = True  # GPU only: on CPU it is slower
-    compile: bool | str = "auto"  # auto: torch.compile the step on CUDA, not on CPU | true | false
+    compile: bool | str = "auto"  # auto: on CUDA without SyncBN across processes | true | false
     grad_accum: int = 1
     freeze_bn: bool = False
     os8_from: int | None = None  # DeepLabV3 protocol: switch to OS8 with BN frozen at this step
@@ -117,7 +117,7 @@ class EvalParams:
     flip: bool = False
     output_stride: int | None = None  # evaluate at another OS than training
     batch_size: int = 1
-    amp: str = "auto"  # auto: bf16 autocast where the GPU has it (fp16 on older GPUs), off on CPU
+    amp: str = "auto"  # auto | bf16 | fp16 | off; auto follows the hardware (engine/device.py)
     workers: int = 4  # DataLoader processes that read, verify and decode the shards
     device: str = "auto"
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from stages.commands import data, engine, export, kfold, models, pipeline, recipes, synth
+from stages.commands import (
+    data,
+    doctor,
+    engine,
+    export,
+    kfold,
+    models,
+    pipeline,
+    recipes,
+    synth,
+)
 
 app = typer.Typer(
     name="seg",
@@ -14,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (synth, data, models, engine, export, kfold, recipes, pipeline):
+for _module in (synth, data, models, engine, export, kfold, recipes, pipeline, doctor):
     _module.register(app)
 
 

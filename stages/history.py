@@ -23,6 +23,10 @@ def _row(metrics: dict) -> dict:
         "checkpoint_sha256": ckpt.get("sha256"),
         "step": ckpt.get("step"),
         "model": f"{model.get('arch')}/{model.get('backbone')}/os{model.get('output_stride')}",
+        # the working point: the figure depends on it (engine/device.py)
+        "device": (prov.get("working_point") or {}).get("device"),
+        "train_precision": (prov.get("train_working_point") or {}).get("precision"),
+        "eval_precision": (prov.get("working_point") or {}).get("precision"),
         "miou": metrics.get("miou"),
         "pixel_accuracy": metrics.get("pixel_accuracy"),
         "per_class_iou": json.dumps(metrics.get("per_class_iou", {})),

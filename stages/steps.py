@@ -255,7 +255,7 @@ def evaluate(
     from pipeline import provenance
     from pipeline.data.labels import get_spec
     from pipeline.engine.checkpoint import build_from_checkpoint, check_classes, sha256_file
-    from pipeline.engine.device import amp_setting
+    from pipeline.engine.device import precision, working_point
     from pipeline.engine.distributed import local_device, rank_world
     from pipeline.engine.evaluate import InferenceOptions, evaluate, prepare_for_inference
     from pipeline.params import params_hash
@@ -275,9 +275,9 @@ def evaluate(
     spec = get_spec(p.data.dataset)
     check_classes(ckpt, spec, checkpoint)
     _check_dataset(shards, spec.name)
-    amp = amp_setting(e.amp, device)[0]
+    prec = precision(e.amp, device, warn=rank == 0)
     opts = InferenceOptions(
-        e.mode, tuple(e.crop_size), tuple(e.stride), tuple(e.scales), e.flip, amp
+        e.mode, tuple(e.crop_size), tuple(e.stride), tuple(e.scales), e.flip, prec.dtype
     )
     metrics, acc = evaluate(
         model, source, spec, device, opts, batch_size=e.batch_size, workers=e.workers,
@@ -300,6 +300,9 @@ def evaluate(
         "time": provenance.now(),
         "hardware": provenance.hardware(),
         "world_size": world,
+        # what evaluation and training resolved to (precision and why, device, CPU, versions)
+        "working_point": working_point(device, prec, loader_workers=e.workers),
+        "train_working_point": ckpt.get("working_point"),
     }
     if fold_info is not None:
         metrics["provenance"]["fold"] = fold_info

@@ -158,15 +158,11 @@ def test_two_process_eval_equals_one_process(trained: Path, proj: Path, tmp_path
     assert [r["miou"] for r in runs[-2:]] == [metrics["miou"]] * 2
 
 
-def test_resume_two_processes_on_one(proj: Path, tmp_path: Path, monkeypatch):
-    """Stop a 2-process run after step 2 (its checkpoint), resume it with 1 process to the end:
-    it continues from the 2-process weights and optimizer state, deterministically."""
-    import shutil
-
-    from pipeline.engine.checkpoint import load
-    from stages import steps
-
-    worker = tmp_path / "train_until.py"
+@pytest.fixture(scope="module")
+def half(proj: Path, tmp_path_factory) -> Path:
+    """A 2-process run stopped after step 2 (its checkpoint): the outputs folder."""
+    tmp = tmp_path_factory.mktemp("half")
+    worker = tmp / "train_until.py"
     worker.write_text(
         "import sys\n"
         "from pipeline.engine import distributed\n"
@@ -177,12 +173,26 @@ def test_resume_two_processes_on_one(proj: Path, tmp_path: Path, monkeypatch):
         "finally:\n"
         "    distributed.cleanup()\n"
     )
-    out = tmp_path / "outputs"
-    override = f"data.outputs={out}"
+    out = tmp / "outputs"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    _run([*torchrun, "--nproc-per-node", "2", str(worker), "2", override], proj)
+    _run([*torchrun, "--nproc-per-node", "2", str(worker), "2", f"data.outputs={out}"], proj)
+    return out
+
+
+def test_resume_two_processes_on_one(proj: Path, half: Path, tmp_path: Path, monkeypatch):
+    """Stop a 2-process run after step 2 (its checkpoint), resume it with 1 process to the end:
+    it continues from the 2-process weights and optimizer state, deterministically."""
+    import shutil
+
+    from pipeline.engine.checkpoint import load
+    from stages import steps
+
+    out = tmp_path / "outputs"
+    shutil.copytree(half, out)
+    override = f"data.outputs={out}"
     first = load(out / "train" / "last.pt")
     assert first["step"] == 2
+    assert len(first["rng"]) == 2  # every rank's RNG state
 
     again = tmp_path / "again"
     shutil.copytree(out, again)
@@ -208,3 +218,44 @@ def test_resume_two_processes_on_one(proj: Path, tmp_path: Path, monkeypatch):
     # ... which the step-2 state decided: a fresh 1-process run ends elsewhere
     fresh = final_weights(tmp_path / "fresh", steps.Resume.NEW)
     assert not all(torch.equal(fresh[k], last["model"][k]) for k in fresh)
+
+
+def test_ranks_resume_with_their_own_rng(proj: Path, half: Path, trained: Path, tmp_path: Path):
+    """Stopped at step 2 and resumed on 2 processes, a run ends with the weights of the run
+    never stopped: each rank continues its own RNG stream (ASPP dropout), not rank 0's."""
+    import shutil
+
+    from pipeline.engine.checkpoint import load
+
+    out = tmp_path / "outputs"
+    shutil.copytree(half, out)
+    _run(_seg("train", "--gpus", "2", "--resume", "-S", "train.device=cpu",
+              "-S", f"data.outputs={out}"), proj)  # fmt: skip
+    resumed = load(out / "train" / "last.pt")["model"]
+    uninterrupted = load(trained / "last.pt")["model"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+PROBE = Path(__file__).with_name("ddp_probe.py")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_os8_switch_under_ddp(proj: Path, tmp_path: Path, world: int):
+    """DDP (gloo) trains past the OS16 -> OS8 switch with BatchNorm frozen from there on,
+    gradients averaged over the ranks, and one all-reduce per step with grad_accum 2."""
+    from pipeline.engine.checkpoint import load
+
+    out, probe = tmp_path / "outputs", tmp_path / "probe"
+    over = [f"data.outputs={out}", "train.os8_from=2", "train.grad_accum=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    _run([*torchrun, "--nproc-per-node", str(world), str(PROBE), str(probe), *over], proj)
+    last = load(out / "train" / "last.pt")
+    assert last["step"] == 4 and last["output_stride"] == 8
+    ranks = [torch.load(probe / f"{r}.pt", weights_only=True) for r in range(world)]
+    frozen = ranks[0]["bn_at_switch"]  # DDP broadcasts rank 0's buffers at each forward
+    assert frozen
+    for r in ranks:
+        assert r["rounds"] == 4  # one gradient all-reduce per step, not per micro-batch
+        assert all(torch.equal(r["model"][k], v) for k, v in frozen.items())
+    for name in ranks[0]["parameters"]:  # gradients averaged: the ranks stay equal
+        assert all(torch.equal(r["model"][name], ranks[0]["model"][name]) for r in ranks)

@@ -362,11 +362,14 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     Each pass e over the data permutes the shard list with rng(seed, e); with at least as
     many shards as consumers (ranks x workers) each consumer reads its own shards, otherwise
-    every consumer reads all shards and keeps every C-th sample. Samples then pass a shuffle
-    buffer with its own rng(seed, consumer). The stream is a function of (seed, consumer), so
-    a resumed run skips what it already consumed without decoding it (`skip`: samples to drop
-    per consumer, see `skip_for_resume`). It never ends, so every rank always has a next
-    batch (iteration-based training, no hang at an epoch end).
+    every consumer walks all shards and keeps every C-th sample, skipping the others' members
+    unread (local tars are seeked past). Samples then pass a shuffle buffer with its own
+    rng(seed, consumer); a consumer whose share of a pass is smaller than the buffer shuffles
+    each pass whole instead (every sample once per pass, never a buffer of repeats). The
+    stream is a function of (seed, consumer), so a resumed run skips what it already consumed
+    without decoding it (`skip`: samples to drop per consumer, see `skip_for_resume`). It never
+    ends, so every rank always has a next batch (iteration-based training, no hang at an
+    epoch end).
     """
 
     def __init__(
@@ -384,30 +387,26 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.skip = skip
 
-    def _read(self, url: str) -> Iterator[tuple[str, dict]]:
-        if self.keys is None:
-            yield from iter_raw(url)
-            return
-        for key, members in iter_raw(url, self.keys.__contains__):
-            if key in self.keys:
-                yield key, members
-
-    def _raw_passes(self, consumer: int, consumers: int) -> Iterator[tuple[str, str, dict]]:
+    def _raw_passes(self, consumer: int, consumers: int) -> Iterator[tuple[int, str, str, dict]]:
+        """(pass, url, key, members) of this consumer's samples, pass after pass."""
         epoch = 0
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
             urls = [self.urls[i] for i in order]
-            if len(urls) >= consumers:
-                for url in urls[consumer::consumers]:
-                    for key, members in self._read(url):
-                        yield url, key, members
-            else:
-                i = 0
-                for url in urls:
-                    for key, members in self._read(url):
-                        if i % consumers == consumer:
-                            yield url, key, members
-                        i += 1
+            shared = len(urls) < consumers  # consumers take turns within the shards
+            turns = _Turns(consumer if shared else 0, consumers if shared else 1, self.keys)
+            kept = 0
+            for url in urls[consumer::consumers] if not shared else urls:
+                for key, members in iter_raw(url, turns):
+                    if members:  # this consumer's sample (the others' come back empty)
+                        kept += 1
+                        yield epoch, url, key, members
+            if not kept:
+                raise DataError(
+                    f"{', '.join(self.urls[:3])}: no sample for consumer {consumer} of "
+                    f"{consumers} (ranks x loader workers): fewer samples than consumers; "
+                    "use fewer train.workers"
+                )
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -418,18 +417,53 @@ class TrainStream(torch.utils.data.IterableDataset):
         # shard order's rng(seed, pass) by the "shuffle" tag
         rng = np.random.default_rng([self.seed, consumer, int.from_bytes(b"shuffle", "big")])
         skip = self.skip if isinstance(self.skip, int) else self.skip[worker]
-        buffer: list = []
         produced = 0
-        for item in self._raw_passes(consumer, consumers):
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            j = int(rng.integers(len(buffer)))
-            item, buffer[j] = buffer[j], item
+
+        def emit(item) -> Iterator[dict]:
+            nonlocal produced
             if produced >= skip:
                 url, key, members = item
                 yield decode_sample(key, members, url, instance=False)
             produced += 1
+
+        buffer: list = []
+        whole: list | None = None  # set when one pass fits the buffer: that pass's samples
+        current = 0
+        for epoch, *item in self._raw_passes(consumer, consumers):
+            if whole is None:
+                if len(buffer) < self.shuffle_buffer and epoch == 0:
+                    buffer.append(item)
+                    continue
+                if len(buffer) == self.shuffle_buffer:
+                    j = int(rng.integers(len(buffer)))
+                    item, buffer[j] = buffer[j], item
+                    yield from emit(item)
+                    continue
+                whole, buffer = buffer, []  # pass 0 ended before the buffer filled
+            if epoch != current:  # pass `current` is complete: all of it, shuffled
+                for j in rng.permutation(len(whole)):
+                    yield from emit(whole[j])
+                whole, current = [], epoch
+            whole.append(item)
+
+
+class _Turns:
+    """The key predicate `iter_raw` asks for every member: True for the samples of consumer
+    `consumer` of `consumers`, taking turns in stream order over the kept keys (`keys`: a
+    Subset's, None for all)."""
+
+    def __init__(self, consumer: int, consumers: int, keys: frozenset[str] | None) -> None:
+        self.consumer, self.consumers, self.keys = consumer, consumers, keys
+        self.index, self.last, self.mine = -1, None, False
+
+    def __call__(self, key: str) -> bool:
+        if key != self.last:  # members of one sample are adjacent: count each sample once
+            self.last = key
+            self.mine = False
+            if self.keys is None or key in self.keys:
+                self.index += 1
+                self.mine = self.index % self.consumers == self.consumer
+        return self.mine
 
 
 def skip_for_resume(batches_done: int, batch_size: int, num_workers: int) -> list[int]:

@@ -35,7 +35,7 @@ class InferenceOptions:
     stride: tuple[int, int] = (768, 768)
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
-    amp: torch.dtype | None = None  # autocast dtype (pipeline.engine.device.amp_setting)
+    amp: torch.dtype | None = None  # autocast dtype (pipeline.engine.device.precision)
 
 
 def prepare_for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -23,6 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,13 @@ from pipeline.data.transforms import (
     step_generator,
 )
 from pipeline.engine import checkpoint
-from pipeline.engine.device import amp_setting, autocast
+from pipeline.engine.device import (
+    autocast,
+    compile_enabled,
+    cudnn_autotune,
+    precision,
+    working_point,
+)
 from pipeline.engine.distributed import is_distributed, local_device, rank_world
 from pipeline.engine.evaluate import InferenceOptions, evaluate
 from pipeline.engine.losses import SegLoss, cosine_lr, inverse_log_weights, poly_lr
@@ -84,7 +91,8 @@ def train(
     out_dir = Path(out_dir)
     rank, world = rank_world()
     device = _device(tp.device)
-    local_batch = _local_batch(tp, world)
+    sync_bn = is_distributed() and device.type == "cuda" and world > 1  # BN stats across GPUs
+    local_batch = _local_batch(tp, world, sync_bn)
     cfg = model_config(tp, spec.num_classes)
     ckpt = _load_last(out_dir / LAST, cfg) if resume else None
     start = int(ckpt["step"]) if ckpt else 0
@@ -95,27 +103,32 @@ def train(
     model = _build_model(cfg, tp, ckpt, device, start)
     loss_fn = _loss(tp, spec, class_counts, device)
     optimizer = build_optimizer(tp, list(model.parameters()), device)
-    amp_dtype, use_scaler = amp_setting(tp.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    prec = precision(tp.amp, device)
+    amp_dtype = prec.dtype
+    scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
     best: list[dict] = []  # [{"miou", "step", "path"}], best first
     history: list[dict] = []  # one row per report: step, loss, lr (+ val_miou)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        _restore_optimizer(optimizer, scaler, ckpt, out_dir / LAST)
         best, history = list(ckpt.get("best", [])), list(ckpt.get("history", []))
         log.info("resumed from %s at step %d", out_dir / LAST, start)
     if rank == 0:
         _tidy_snapshots(out_dir, best)
-    compiled = tp.compile is True or (tp.compile == "auto" and device.type == "cuda")
+    compiled = compile_enabled(tp.compile, device, sync_bn)
     forward_loss = build_forward_loss(model, loss_fn, tp.aux_weight, device, compiled)
     batches = _train_batches(tp, train_shards, rank, world, local_batch, start, device)
     if ckpt is not None:  # after the DataLoader drew its base seed from the global RNG
-        _set_rng_state(ckpt["rng"], device)
+        _set_rng_state(ckpt["rng"], device, rank, world, tp.seed, start)
     augment = BatchAugment(tuple(tp.crop_size), tuple(tp.scale_range), tp.flip, spec.ignore_index)
     channels_last = tp.channels_last and device.type == "cuda"  # on CPU it measured slower
     frozen_bn = _bn_frozen(tp, model)
+    point = working_point(
+        device, prec, compile=compiled, channels_last=channels_last, world_size=world,
+        sync_bn=sync_bn, loader_workers=tp.workers,
+    )  # fmt: skip
 
     def save_last(step: int) -> None:
+        rng = _gather(_rng_state(device))  # every rank's own RNG (a collective)
         if rank == 0:
             checkpoint.save_atomic(
                 {
@@ -126,8 +139,9 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "step": step,
-                    "rng": _rng_state(device),
+                    "rng": rng,  # [rank 0's, rank 1's, ...]
                     "params": dataclasses.asdict(tp),
+                    "working_point": point,
                     "best": best,
                     "history": history,
                 },
@@ -142,6 +156,7 @@ def train(
         if step == tp.os8_from and model.output_stride != 8:
             model.set_output_stride(8)  # DeepLabV3 paper, Sec. 4.1: fine-tune at OS8, BN frozen
             frozen_bn = True
+            freeze_bn(model)  # before DDP is rebuilt: its reducer expects no BN gradients
             forward_loss = build_forward_loss(model, loss_fn, tp.aux_weight, device, compiled)
         lr = lr_at(tp, step)
         for group in optimizer.param_groups:
@@ -150,12 +165,14 @@ def train(
         if frozen_bn:  # model.train() put every BatchNorm back into training mode
             freeze_bn(model)
         g = step_generator(tp.seed, step, rank)  # this step's scales, crops, flips, colours
-        for _ in range(tp.grad_accum):
+        for micro in range(tp.grad_accum):
             batch = next(batches)
             x, y = prepare_batch(batch, augment, g, tp.photometric, device, channels_last)
-            with autocast(device, amp_dtype):
-                loss = forward_loss(x, y)  # x (B, 3, h, w) normalised, y (B, h, w) train ids
-            scaler.scale(loss / tp.grad_accum).backward()
+            # DDP all-reduces the gradients once per step: at the last micro-batch
+            with forward_loss.no_sync() if micro < tp.grad_accum - 1 else nullcontext():
+                with autocast(device, amp_dtype):
+                    loss = forward_loss(x, y)  # x (B, 3, h, w) normalised, y (B, h, w) train ids
+                scaler.scale(loss / tp.grad_accum).backward()
             loss_sum += loss.detach()
         scaler.step(optimizer)
         scaler.update()
@@ -184,7 +201,9 @@ def train(
             history[-1]["val_miou"] = metrics["miou"]
             if rank == 0:
                 cb.on_eval(done, metrics)
-                best = _keep_best(best, metrics["miou"], done, model, cfg, spec.name, out_dir, tp)
+                best = _keep_best(
+                    best, metrics["miou"], done, model, cfg, spec.name, out_dir, tp, point
+                )
             t_report += time.perf_counter() - t_val  # images/s counts training only
         if done % tp.checkpoint_interval == 0 or done == tp.iterations:
             save_last(done)
@@ -197,6 +216,7 @@ def train(
         "best_checkpoint": str(out_dir / BEST) if best else None,
         "last_checkpoint": str(out_dir / LAST),
         "best_k": [b["path"] for b in best],
+        "working_point": point,
         "history": history,
     }
 
@@ -226,6 +246,22 @@ def prepare_batch(
     return x, y
 
 
+class ForwardLoss:
+    """(x, y) -> loss through the model (DDP-wrapped when distributed), optionally compiled
+    with the loss: one graph from the input to the scalar, the full-resolution logits and
+    their cross-entropy fused. `no_sync()` holds back DDP's gradient all-reduce (the
+    micro-batches of a step but its last)."""
+
+    def __init__(self, net: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.net, self.fn = net, fn
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, y)
+
+    def no_sync(self):
+        return self.net.no_sync() if hasattr(self.net, "no_sync") else nullcontext()
+
+
 def build_forward_loss(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -233,12 +269,12 @@ def build_forward_loss(
     device: torch.device,
     compiled: bool,
     mode: str | None = None,
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(x, y) -> loss through the model (DDP-wrapped when distributed), optionally compiled
-    with the loss: one graph from the input to the scalar, the full-resolution logits and
-    their cross-entropy fused. Rebuilt when the model changes shape (the OS8 switch). `mode`
-    is torch.compile's (benchmarks/train_throughput.py --compile-mode measures CUDA graphs,
-    "reduce-overhead", against the default before the loop adopts it)."""
+) -> ForwardLoss:
+    """The step's forward and loss (see ForwardLoss). Rebuilt when the model changes shape
+    (the OS8 switch), after BatchNorm is frozen: DDP registers the parameters that need
+    gradients when it is built. `mode` is torch.compile's (benchmarks/train_throughput.py
+    --compile-mode measures CUDA graphs, "reduce-overhead", against the default before the
+    loop adopts it)."""
     net = model
     if is_distributed():
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -252,7 +288,7 @@ def build_forward_loss(
             loss = loss + aux_weight * loss_fn(out["aux"], y)
         return loss
 
-    return torch.compile(forward_loss, mode=mode) if compiled else forward_loss
+    return ForwardLoss(net, torch.compile(forward_loss, mode=mode) if compiled else forward_loss)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -302,14 +338,19 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _local_batch(tp: TrainParams, world: int) -> int:
+def _local_batch(tp: TrainParams, world: int, sync_bn: bool = False) -> int:
+    """Images per process per micro-batch. BatchNorm's statistics (the ASPP image pooling
+    has one value per image) need >= 2 images: per process, or over all processes with
+    SyncBatchNorm (one image per GPU, as 8 GPUs at the recipe's batch 8)."""
     if tp.batch_size % world:
         raise ConfigError(f"train.batch_size {tp.batch_size} is not divisible by {world} processes")
     local = tp.batch_size // world
-    if local < 2 and not tp.freeze_bn:
+    bn_batch = tp.batch_size if sync_bn else local
+    if bn_batch < 2 and not tp.freeze_bn:
         raise ConfigError(
             f"train.batch_size {tp.batch_size} over {world} process(es) is {local} image per "
-            "step: BatchNorm (ASPP image pooling) needs >= 2 per process, or train.freeze_bn: true"
+            "step: BatchNorm (ASPP image pooling) needs >= 2 per process (or over all GPUs "
+            "with SyncBatchNorm), or train.freeze_bn: true"
         )
     return local
 
@@ -415,10 +456,11 @@ def _validate(
     if world > 1 and device.type != "cuda":  # no SyncBN on gloo: validate rank 0's BN stats
         for buf in model.buffers():
             torch.distributed.broadcast(buf, 0)
-    metrics, _ = evaluate(
-        model, val_shards, spec, device, InferenceOptions(amp=amp_dtype), batch_size=batch_size,
-        workers=workers, rank=rank, world_size=world,
-    )  # fmt: skip
+    with cudnn_autotune(False):  # val frames come in many sizes (VOC): no autotuning each
+        metrics, _ = evaluate(
+            model, val_shards, spec, device, InferenceOptions(amp=amp_dtype),
+            batch_size=batch_size, workers=workers, rank=rank, world_size=world,
+        )  # fmt: skip
     return metrics
 
 
@@ -429,11 +471,55 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
+def _gather(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank; [obj] in one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _set_rng_state(
+    states: list[dict] | dict, device: torch.device, rank: int, world: int, seed: int, step: int
+) -> None:
+    """Each rank continues its own RNG stream (dropout, the loader's seed). A checkpoint of
+    another world size holds other streams: then every rank starts a new one from (seed,
+    rank, step), the same on every rerun."""
+    if isinstance(states, dict):  # written before every rank's state was kept
+        states = [states]
+    if len(states) != world:
+        log.info("last.pt holds %d rank RNG state(s), this run has %d rank(s): RNG reseeded "
+                 "from (seed, rank, step)", len(states), world)  # fmt: skip
+        reseed = int(np.random.SeedSequence((seed, rank, step)).generate_state(1)[0])
+        torch.manual_seed(reseed)
+        random.seed(reseed)
+        return
+    state = states[rank]
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _restore_optimizer(optimizer, scaler, ckpt: dict, path: Path) -> None:
+    """The optimizer and grad-scaler state of a checkpoint, fitted to this run: momentum
+    buffers take their parameter's memory layout (a CPU checkpoint is NCHW, channels-last
+    parameters on CUDA are not, and the fused optimizer wants both alike); a checkpoint from
+    a run without a scaler (bf16, fp32) starts an fp16 run's scaler afresh."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if (
+                torch.is_tensor(value)
+                and value.shape == param.shape
+                and value.stride() != param.stride()
+            ):
+                state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    elif scaler.is_enabled():
+        log.info("%s: trained without a grad scaler; the fp16 scaler starts afresh", path)
 
 
 def _normal(cfg: dict | None) -> dict | None:
@@ -467,6 +553,7 @@ def _keep_best(
     dataset: str,
     out_dir: Path,
     tp: TrainParams,
+    point: dict,
 ) -> list[dict]:
     """Keep the k best snapshots by val mIoU (for `seg average`); best.pt is the top one."""
     snap = {
@@ -475,6 +562,7 @@ def _keep_best(
         "dataset": dataset,
         "output_stride": model.output_stride,
         "params": dataclasses.asdict(tp),
+        "working_point": point,
         "step": step,
         "val_miou": miou,
     }

@@ -224,7 +224,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per batch (same-size images).")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     amp: Annotated[
-        str, typer.Option(help="auto (bf16 on GPUs that have it, off on CPU), bf16, fp16, off.")
+        str, typer.Option(help="auto (bf16 where the hardware has it natively), bf16, fp16, off.")
     ] = "auto",
     output: Annotated[
         list[str] | None,
@@ -236,7 +236,7 @@ def predict(
     """Segment images: writes {name}_trainIds/_labelIds/_color/_overlay.png per image."""
     from pipeline.data.labels import get_spec
     from pipeline.engine.checkpoint import build_from_checkpoint, check_classes
-    from pipeline.engine.device import amp_setting, resolve_device
+    from pipeline.engine.device import precision, resolve_device
     from pipeline.engine.evaluate import InferenceOptions, prepare_for_inference
     from pipeline.engine.predict import OUTPUTS, expand_inputs, predict_files
     from stages.progress import console, progress_bar
@@ -266,7 +266,7 @@ def predict(
     spec = get_spec(dataset)
     check_classes(ckpt, spec, checkpoint)
     opts = InferenceOptions(
-        mode, crop, stride, tuple(scales or (1.0,)), flip, amp_setting(amp, dev)[0]
+        mode, crop, stride, tuple(scales or (1.0,)), flip, precision(amp, dev).dtype
     )
     with progress_bar("predict") as update:
         written = predict_files(
@@ -327,11 +327,13 @@ def runs(
         console.print(table)
         return
     table = Table(title=f"{len(rows)} evaluation(s) in {history}")
-    for col in ("#", "run", "time", "git", "model", "step", "mIoU"):
+    for col in ("#", "run", "time", "git", "model", "step", "device", "train/eval", "mIoU"):
         table.add_column(col)
     for i, r in enumerate(rows):
         git = (r["git_revision"] or "-")[:8] + ("*" if r["git_dirty"] else "")
+        precisions = f"{r.get('train_precision') or '-'}/{r.get('eval_precision') or '-'}"
         table.add_row(
-            str(i), r["run"], r["time"] or "-", git, r["model"], str(r["step"]), pct(r["miou"])
-        )
+            str(i), r["run"], r["time"] or "-", git, r["model"], str(r["step"]),
+            r.get("device") or "-", precisions, pct(r["miou"]),
+        )  # fmt: skip
     console.print(table)
