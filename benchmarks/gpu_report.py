@@ -40,6 +40,13 @@ def _f(x, fmt="{:.1f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _rc(out: Path, name: str) -> str:
+    rc = out / f"{name}.rc"
+    if not rc.is_file():
+        return "not run"
+    return "ok" if rc.read_text().strip() == "0" else f"FAILED (see {name}.txt)"
+
+
 def report(out: Path) -> str:
     step, nobench = _rows("step", out), _rows("step_nobench", out)
     loader, cv = _rows("loader_synth", out), _rows("loader_camvid", out)
@@ -63,6 +70,25 @@ def report(out: Path) -> str:
         speed = ours["images_per_s"] / plain["images_per_s"] if plain else None
         add(f"step, {ours['name']}", f"{ours['images_per_s']:.1f} img/s ({_f(speed, '{:.2f}')}x), "
             f"MFU {_f(ours.get('mfu_pct'))} %, peak {_f(ours.get('steady'))} GiB", ">= 2.5x, >= 20 %")  # fmt: skip
+    fp16 = _rows("step_fp16", out).get("ours")
+    if fp16:
+        add("step, forced fp16 + GradScaler (fused SGD, eager)", f"{fp16['images_per_s']:.1f} img/s, "
+            f"peak {_f(fp16.get('steady'))} GiB", "runs (the pre-Ampere path)")  # fmt: skip
+    ohem = _json(out / "ohem.json")
+    if ohem:
+        times = ", ".join(f"{r['method']} {r['ms']:.2f} ms" for r in ohem["rows"])
+        add(f"OHEM threshold over {ohem['pixels']:,} pixels (k {ohem['k']:,})",
+            f"{times}; same value: {ohem['same']}; default {ohem['default']}",
+            "default = fastest")  # fmt: skip
+    sb = _json(out / "syncbn.json")
+    if sb:
+        add(f"2 processes on one GPU, {'SyncBN' if sb['sync_bn'] else 'BN (no CUDA)'}: eager",
+            f"{sb['eager_steps_per_s']:.2f} steps/s, {_f(sb.get('host_syncs_per_eager_step'), '{}')} "
+            "host syncs per step", "")  # fmt: skip
+        add("same, compiled (what `compile: auto` declines)",
+            f"{sb['compiled_steps_per_s']:.2f} steps/s ({sb['compiled_speedup']:.2f}x eager), "
+            f"{sb['graph_breaks']} graph breaks, {sb['unique_graphs']} graphs, compile "
+            f"{sb['compile_s']:.0f} s", "eager unless > 1.0x")  # fmt: skip
     graphs = _rows("step_cudagraphs", out).get("ours")
     if graphs:
         speed = graphs["images_per_s"] / ours["images_per_s"] if ours else None
@@ -90,15 +116,23 @@ def report(out: Path) -> str:
         rate = _train_rate(out, "train_camvid")
         add("`seg train` on CamVid (uncompiled)",
             f"{_f(rate)} img/s = {_f(100 * rate / res if rate and res else None)} % of the step", ">= 90 %")  # fmt: skip
-    for mode in ("whole", "slide"):
-        m = _json(out / f"eval_{mode}.json")
+    for name, what in (("eval_whole_1_0", "whole, scale 1.0"), ("eval_slide_1_0", "slide, scale 1.0"),
+                       ("eval_whole_1_0_1_25", "whole, scales [1.0, 1.25] (the demo's)")):  # fmt: skip
+        m = _json(out / f"{name}.json")
         if m:
-            add(f"`seg eval` {mode}, {m['images']} full-resolution frames",
+            add(f"`seg eval` {what}, {m['images']} full-resolution frames",
                 f"{m['images_per_s']:.1f} img/s, peak {_f(m.get('peak_memory_gib'))} GiB",
-                ">= 50 img/s" if mode == "whole" else "")  # fmt: skip
-    rc = out / "train_gpus1.rc"
-    if rc.is_file():
-        add("`seg train --gpus 1` (one-process NCCL group)", "ok" if rc.read_text().strip() == "0" else "FAILED (see train_gpus1.txt)", "runs")  # fmt: skip
+                ">= 50 img/s" if name == "eval_whole_1_0" else "")  # fmt: skip
+    add(
+        "`seg train --gpus 1`, os8_from (DDP rebuilt at OS8, BN frozen)",
+        _rc(out, "train_gpus1_os8"),
+        "runs",
+    )
+    add(
+        "a CPU-made checkpoint resumed on the GPU (fused SGD, channels-last)",
+        _rc(out, "resume_cuda"),
+        "runs",
+    )
     sync = _json(out / "sync.json")
     if sync:
         add("host syncs per step between reports", f"{sync['per_step']:.2f}", "0")
@@ -108,6 +142,8 @@ def report(out: Path) -> str:
         else "?"
     )
     errors = (out / "errors.txt").read_text().strip() if (out / "errors.txt").is_file() else ""
+    if (out / "skipped.txt").is_file():
+        errors += "\n" + (out / "skipped.txt").read_text().strip()
     return (
         f"machine: {machine}\n\n"
         + "\n".join(lines)
