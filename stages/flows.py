@@ -28,7 +28,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -46,6 +47,10 @@ IO_STAGES = ("synth", "preprocess")
 IO_RETRIES = 2
 # collision strategies of a deployment's concurrency limit of 1, by the name users pick
 COLLISIONS = ("skip", "queue")
+# Without PREFECT_API_URL, Prefect starts a temporary server and waits 20 s for it
+# (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); its first start creates and migrates a
+# database, which took 30-37 s on a busy 2-core machine
+EPHEMERAL_STARTUP_S = 120
 
 
 class ServerUnreachable(SegError):
@@ -91,6 +96,27 @@ def check_server(timeout: float = 5.0) -> str | None:
             "(PREFECT_API_URL usually ends in /api, e.g. http://127.0.0.1:4200/api)"
         )
     return url
+
+
+@contextmanager
+def ephemeral_startup(seconds: int = EPHEMERAL_STARTUP_S) -> Iterator[None]:
+    """Give Prefect's ephemeral server at least `seconds` to start (a higher setting stays):
+    in this context, and in the environment, which Prefect's worker threads and the runs'
+    processes read."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
+    from prefect.settings import temporary_settings
+
+    value = max(timeout.value(), seconds)
+    before = os.environ.get(timeout.name)
+    os.environ[timeout.name] = str(value)
+    try:
+        with temporary_settings(updates={timeout: value}):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(timeout.name, None)
+        else:
+            os.environ[timeout.name] = before
 
 
 # ----------------------------------------------------------------------------- the DVC side

@@ -19,6 +19,11 @@ needs_sample = pytest.mark.skipif(
 
 # Prefect must never touch the user's ~/.prefect from tests.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+# A flow run in a test without PREFECT_API_URL starts Prefect's ephemeral server on a new
+# database: 30-37 s on a busy 2-core machine, and Prefect waits 20 s by default; 120 s as
+# `seg flow` gives it (stages.flows.EPHEMERAL_STARTUP_S). Set before prefect is imported.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from tests
 
 # label ids used by `write_frame`: road 7, sidewalk 8, building 11, sky 23, car 26, ego vehicle 1
 BLOCK_IDS = (23, 11, 8, 7, 26, 1)

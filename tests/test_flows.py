@@ -2,7 +2,8 @@
 
 A module-scoped project runs `dvc repro` once on `tiny_params()` and is committed; every test
 works on a copy. Scheduled runs come from a real `seg serve` (cron with a seconds field, so
-runs fall seconds apart), work-pool runs from a real `prefect worker start`.
+runs fall seconds apart, or runs made due at a chosen time), work-pool runs from a real
+`prefect worker start`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -36,6 +38,7 @@ from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Scheduled
 from test_dvc import DVC, _copy, _env, _new_project, dvc, git
 from typer.testing import CliRunner
 
@@ -45,6 +48,7 @@ BIN = Path(sys.executable).parent
 # dvc.yaml's stages in graph order (the k-fold ones run and write "off" files with folds: 0)
 STAGES = ["params", "synth", "preprocess@train", "preprocess@val", "train", "evaluate"]
 STAGES += ["kfold_split", "kfold_summary"]
+TRAIN_PLAN = ["synth", "preprocess@train", "preprocess@val", "train"]  # `seg flow train`
 
 
 def _free_port() -> int:
@@ -184,11 +188,14 @@ def _lock_md5(proj: Path, out: str) -> str:
     raise AssertionError(f"{out} is not an output in dvc.lock")
 
 
-def _assert_consistent(proj: Path) -> None:
-    """`dvc status` is clean, and the outputs are the ones dvc.lock records."""
-    assert json.loads(dvc(proj, "status", "--json").stdout) == {}
+def _assert_consistent(proj: Path, stale: tuple[str, ...] = ()) -> None:
+    """`dvc status` is clean but for the `stale` stages (not run: not asked for), and the
+    outputs are the ones dvc.lock records."""
+    assert set(json.loads(dvc(proj, "status", "--json").stdout)) == set(stale)
     for out in ("outputs/train/best.pt", "outputs/train/last.pt"):
         assert _md5(proj / out) == _lock_md5(proj, out), out
+    if "evaluate" in stale:
+        return
     metrics = json.loads((proj / "outputs/eval/metrics.json").read_text())
     assert metrics["provenance"]["checkpoint"]["sha256"] == _sha256(proj / "outputs/train/best.pt")
 
@@ -220,12 +227,37 @@ def _stage_table(client, flow_run_id) -> dict[str, str]:
     return {s.strip(): r.strip() for s, r in rows if s.strip() not in ("stage", "---")}
 
 
-def _describe(runs) -> str:
-    return "\n".join(
-        f"{r.name}: {r.state.name} due {r.expected_start_time:%H:%M:%S} "
-        f"start {r.start_time and f'{r.start_time:%H:%M:%S}'} end {r.end_time and f'{r.end_time:%H:%M:%S}'}"
-        for r in runs
-    )
+def _history(client, run) -> list:
+    """A flow run's states, oldest first."""
+    return sorted(client.read_flow_run_states(run.id), key=lambda s: s.timestamp)
+
+
+def _running(client, run) -> list[tuple]:
+    """(start, end) of each time the run was Running, from its state history: a Running
+    state until the next state (end None: still Running)."""
+    states = _history(client, run)
+    return [
+        (s.timestamp, after.timestamp if after else None)
+        for s, after in zip(states, [*states[1:], None], strict=True)
+        if s.is_running()
+    ]
+
+
+def _describe(client, runs) -> str:
+    """Each run's due time and state history (repeats counted), for failure messages."""
+    lines = []
+    for r in runs:
+        steps: list[list] = []  # [name, first timestamp, count]
+        for s in _history(client, r):
+            if steps and steps[-1][0] == s.name:
+                steps[-1][2] += 1
+            else:
+                steps.append([s.name, s.timestamp, 1])
+        lines.append(
+            f"{r.name}: due {r.expected_start_time:%H:%M:%S.%f}: "
+            + " -> ".join(f"{n}{f' x{k}' if k > 1 else ''} {t:%H:%M:%S.%f}" for n, t, k in steps)
+        )
+    return "\n".join(lines)
 
 
 def _deployment_runs(client, deployment_id) -> list:
@@ -236,10 +268,12 @@ def _deployment_runs(client, deployment_id) -> list:
     )
 
 
-def _serve(proj: Path, server: str, name: str, *args: str) -> subprocess.Popen:
+def _serve(
+    proj: Path, server: str, name: str, *args: str, cron: str = "* * * * * */10"
+) -> subprocess.Popen:
     """`seg serve` in the project, polling for due runs every second."""
     env = _proc_env(proj, PREFECT_API_URL=server, PREFECT_RUNNER_POLL_FREQUENCY="1")
-    cmd = [str(BIN / "seg"), "serve", "--name", name, "--cron", "* * * * * */10", *args]
+    cmd = [str(BIN / "seg"), "serve", "--name", name, "--cron", cron, *args]
     return _start(cmd, proj, env, proj.parent / f"serve-{name}.log")
 
 
@@ -292,6 +326,24 @@ def test_serve_rejects_bad_options_in_one_line(tmp_path, monkeypatch, args, mess
         result = CliRunner().invoke(app, ["serve", *args])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [message]
+
+
+def test_ephemeral_server_gets_two_minutes_to_start(monkeypatch):
+    """`seg flow` and `seg serve` without PREFECT_API_URL: Prefect's 20 s for its temporary
+    server become 120 s, in Prefect's settings and for its threads and run processes (the
+    environment); a longer setting stays, and both are as before afterwards."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
+
+    from stages import flows
+
+    monkeypatch.delenv(timeout.name, raising=False)
+    with temporary_settings(updates={timeout: 20}):
+        with flows.ephemeral_startup():
+            assert (timeout.value(), os.environ[timeout.name]) == (120, "120")
+        assert timeout.value() == 20 and timeout.name not in os.environ
+    monkeypatch.setenv(timeout.name, "600")
+    with temporary_settings(updates={timeout: 600}), flows.ephemeral_startup():
+        assert (timeout.value(), os.environ[timeout.name]) == (600, "600")
 
 
 @pytest.mark.e2e
@@ -357,82 +409,134 @@ def test_scheduled_run_with_nothing_changed_skips_every_stage(server, proj):
     _assert_consistent(proj)
 
 
-def _overlap(server: str, proj: Path, name: str, *args: str):
-    """`seg serve` a run every 10 s on a project whose train and evaluate are stale (a
-    changed train param): the first run takes longer than 10 s, so the next one comes due
-    while it runs. Returns the runs once the first two have finished (or the second was
-    cancelled), then stops serving (a third may be cut short: it found nothing to do)."""
+@pytest.fixture
+def cpu_load() -> Iterator[int]:
+    """A busy loop per core beside the test: every process of the test (server, `seg serve`,
+    the run's process, `dvc`, `seg train`) gets a share of a saturated CPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores or 2)
+    ]
+    try:
+        yield len(procs)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+NEWCOMERS = 3
+
+
+def _overlap(server: str, proj: Path, collision: str) -> tuple:
+    """`seg serve --collision COLLISION` on a project whose train stage is stale (a changed
+    train param): a run due now; once its train stage runs (DVC's write lock on last.pt),
+    NEWCOMERS more runs due within 2 s, so they come due while it trains and the runner
+    fetches them together. The runs bring train up to date (`targets`), no more. Returns
+    (first, newcomers, the first's train task run), all ended, and stops serving. The
+    deployment's own cron never fires during the test."""
     _set_param(proj, "train", "iterations", 6)
-    serve = _serve(proj, server, name, *args)
+    serve = _serve(proj, server, collision, "--collision", collision, cron="0 0 1 1 *")
     try:
         with get_client(sync_client=True) as client:
-            deployment_id = _deployment_id(client, name)
+            deployment_id = _deployment_id(client, collision)
+            only_train = {"targets": ["train"]}
+            first = client.create_flow_run_from_deployment(deployment_id, parameters=only_train)
+            _wait_for_train(proj, serve, proj.parent / f"serve-{collision}.log")
+            due = datetime.now(UTC)
+            newcomers = [
+                client.create_flow_run_from_deployment(
+                    deployment_id,
+                    parameters=only_train,
+                    state=Scheduled(scheduled_time=due + timedelta(seconds=i)),
+                )
+                for i in range(NEWCOMERS)
+            ]
 
-            def two_final():
-                runs = _deployment_runs(client, deployment_id)  # by the time they are due
-                assert len(runs) >= 2 and all(r.state.is_final() for r in runs[:2]), _describe(runs)
+            def ended():
+                runs = [client.read_flow_run(r.id) for r in (first, *newcomers)]
+                assert all(r.state.is_final() for r in runs), _describe(client, runs)
                 return runs
 
-            _eventually(two_final, timeout=300, every=1)
-            _stop(serve)
-            return _deployment_runs(client, deployment_id)
+            first, *newcomers = _eventually(ended, timeout=480, every=1)
+
+            def train_ended():
+                tasks = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first.id])),
+                    limit=50,
+                    sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+                )
+                (train,) = [t for t in tasks if t.name == "train"]
+                assert train.end_time, train.state
+                return train
+
+            return first, newcomers, _eventually(train_ended)
     finally:
         _stop(serve)
 
 
+def _assert_never_overlapped(client, runs, newcomers, train) -> tuple:
+    """The newcomers came due while the first trained; no two runs were ever Running at
+    the same time, as each run's state history says. Returns the first's Running span."""
+    for r in newcomers:
+        assert train.start_time < r.expected_start_time < train.end_time, _describe(client, runs)
+    spans = sorted(span for r in runs for span in _running(client, r))
+    assert all(end is not None for _, end in spans), _describe(client, runs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), _describe(
+        client, runs
+    )
+    (first_span,) = _running(client, runs[0])
+    took = (train.end_time - train.start_time).total_seconds()
+    # shown by `pytest -s`: how long train took, the order the runs took the slot
+    print(f"train stage: {took:.1f} s\n{_describe(client, runs)}")
+    return first_span
+
+
 @pytest.mark.e2e
-def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj):
+def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj, cpu_load):
     with temporary_settings(updates={PREFECT_API_URL: server}):
-        runs = _overlap(server, proj, "skip")
+        first, newcomers, train = _overlap(server, proj, "skip")
         with get_client(sync_client=True) as client:
-            first = runs[0]
-            assert first.state.is_completed(), _describe(runs)
-            ran = [r for r in runs if r.run_count > 0]
-            # the next run came due while the first was running: it was cancelled then
-            # (the runner claims a run up to 10 s before it is due), and never started
-            skipped = [
-                r
-                for r in runs
-                if first.expected_start_time < r.expected_start_time < first.end_time
-                and r.state.is_cancelled()
-                and r.state.timestamp <= first.end_time
-            ]
-            assert skipped, _describe(runs)
-            for r in skipped:
-                assert r.run_count == 0
+            runs = [first, *newcomers]
+            assert first.state.is_completed(), _describe(client, runs)
+            _assert_never_overlapped(client, runs, newcomers, train)
+            for r in newcomers:
+                # turned away at once, while the first still trained, and never started
+                assert r.state.is_cancelled(), _describe(client, runs)
                 assert r.state.message == "Deployment concurrency limit reached."
-            # no two runs were ever running at once
-            spans = sorted((r.start_time, r.end_time) for r in ran if r.end_time)
-            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+                assert r.state.timestamp < train.end_time
+                assert r.run_count == 0 and not _running(client, r)
             table = _eventually(lambda: _stage_table(client, first.id))
-    assert table == {
-        s: "ran" if s in ("params", "train", "evaluate") else "up to date" for s in STAGES
-    }
-    _assert_consistent(proj)  # the first run's outputs are whole and recorded in dvc.lock
+    assert table == {s: "ran" if s == "train" else "up to date" for s in TRAIN_PLAN}
+    # the first run's outputs are whole and recorded in dvc.lock (params and evaluate: not
+    # asked for)
+    _assert_consistent(proj, stale=("params", "evaluate"))
 
 
 @pytest.mark.e2e
-def test_overlapping_scheduled_runs_queue_the_newcomer(server, proj):
+def test_overlapping_scheduled_runs_queue_the_newcomer(server, proj, cpu_load):
     with temporary_settings(updates={PREFECT_API_URL: server}):
-        runs = _overlap(server, proj, "queue", "--collision", "queue")
+        first, newcomers, train = _overlap(server, proj, "queue")
         with get_client(sync_client=True) as client:
-            first, second = runs[:2]
-            assert first.state.is_completed() and second.state.is_completed(), _describe(runs)
-            # the second came due while the first ran; it waited for the slot, then ran
-            assert second.expected_start_time < first.end_time <= second.start_time
-            waits = [
-                s.timestamp
-                for s in client.read_flow_run_states(second.id)
-                if s.name == "AwaitingConcurrencySlot"
-            ]
-            assert waits and min(waits) <= first.end_time, _describe(runs)
-            # and found everything up to date: the first run's results stand
-            assert _eventually(lambda: _stage_table(client, second.id)) == {
-                s: "up to date" for s in STAGES
-            }
+            runs = [first, *newcomers]
+            assert all(r.state.is_completed() for r in runs), _describe(client, runs)
+            _, first_end = _assert_never_overlapped(client, runs, newcomers, train)
+            for r in newcomers:
+                # it waited for the slot while the first ran, then ran after it (in any
+                # order among themselves: each retries for the slot on its own)
+                waits = [
+                    s.timestamp for s in _history(client, r) if s.name == "AwaitingConcurrencySlot"
+                ]
+                assert waits and min(waits) < first_end, _describe(client, runs)
+                (span,) = _running(client, r)
+                assert span[0] >= first_end
+                # and found everything up to date: the first run's results stand
+                assert _eventually(lambda r=r: _stage_table(client, r.id)) == {
+                    s: "up to date" for s in TRAIN_PLAN
+                }
     best = proj / "outputs/train/best.pt"
-    assert best.stat().st_mtime < second.start_time.timestamp()  # the first run trained it
-    _assert_consistent(proj)
+    assert best.stat().st_mtime < first_end.timestamp()  # the first run trained it
+    _assert_consistent(proj, stale=("params", "evaluate"))
 
 
 @pytest.mark.e2e

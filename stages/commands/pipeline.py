@@ -8,6 +8,7 @@ Prefect and DVC are imported inside the commands, so `seg --help` stays fast.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -78,7 +79,8 @@ def flow(
 
     root = flows.project_root()
     flows.stage_plan(root, targets)  # an unknown stage fails in one line, before any run
-    result = flows.pipeline_flow(targets=targets, overrides=set_ or [], log_every=log_every)
+    with flows.ephemeral_startup() if api is None else nullcontext():
+        result = flows.pipeline_flow(targets=targets, overrides=set_ or [], log_every=log_every)
     for stage, outcome in result["stages"].items():
         console.print(f"{stage}: {outcome}", highlight=False)
     if "experiment" in result:
@@ -116,7 +118,8 @@ def serve(
             highlight=False,
             soft_wrap=True,
         )
-    prefect_serve(deployment)
+    with flows.ephemeral_startup() if api is None else nullcontext():
+        prefect_serve(deployment)
 
 
 @cli_errors
