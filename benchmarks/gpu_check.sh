@@ -20,6 +20,7 @@
 set -u
 cd "$(dirname "$0")/.."
 TOY=0; [ "${1:-}" = "--toy" ] && TOY=1
+SLACK=${SLACK:-1}; [ $TOY = 1 ] && SLACK=${SLACK_TOY:-4}  # time limits x SLACK (a busy CPU)
 OUT=${OUT:-/tmp/gpu_check}; WORK=${WORK:-/tmp/gpu_check_work}
 R=$WORK/report  # every section's files; archived into $OUT at the end
 rm -rf "$R"; mkdir -p "$OUT" "$R"
@@ -75,9 +76,9 @@ echo "workers $WORKERS" >> "$R/machine.txt"
 # Data, on the CPU, while the GPU-only sections run: at least one shard per loader worker.
 PER_SHARD=$(( NTRAIN / WORKERS )); [ $PER_SHARD -lt 1 ] && PER_SHARD=1
 (
-  timeout 150 "${SEG[@]}" synth "$WORK/synth" --train $NTRAIN --val $NVAL --height $H --width $W --overwrite --workers 0 >/dev/null
+  timeout $((150 * SLACK)) "${SEG[@]}" synth "$WORK/synth" --train $NTRAIN --val $NVAL --height $H --width $W --overwrite --workers 0 >/dev/null
   for split in train val; do
-    timeout 60 "${SEG[@]}" preprocess "$WORK/synth" $split "$WORK/shards/$split" --samples-per-shard $PER_SHARD --workers 0 --overwrite >/dev/null
+    timeout $((60 * SLACK)) "${SEG[@]}" preprocess "$WORK/synth" $split "$WORK/shards/$split" --samples-per-shard $PER_SHARD --workers 0 --overwrite >/dev/null
   done
   if [ -d "$CAMVID" ]; then
     CVROOT=$CAMVID
@@ -89,7 +90,7 @@ PER_SHARD=$(( NTRAIN / WORKERS )); [ $PER_SHARD -lt 1 ] && PER_SHARD=1
     fi
     CV_PER_SHARD=$(( 367 / WORKERS )); [ $CV_N -gt 0 ] && CV_PER_SHARD=1
     for split in train val; do
-      timeout 60 "${SEG[@]}" preprocess "$CVROOT" $split "$WORK/camvid/$split" --dataset camvid --samples-per-shard $CV_PER_SHARD --workers 0 --overwrite >/dev/null \
+      timeout $((60 * SLACK)) "${SEG[@]}" preprocess "$CVROOT" $split "$WORK/camvid/$split" --dataset camvid --samples-per-shard $CV_PER_SHARD --workers 0 --overwrite >/dev/null \
         || echo "CamVid $split: preprocess failed" >> "$R/errors.txt"
     done
   fi
@@ -97,16 +98,16 @@ PER_SHARD=$(( NTRAIN / WORKERS )); [ $PER_SHARD -lt 1 ] && PER_SHARD=1
 DATA_PID=$!
 
 if section "OHEM threshold: kthvalue vs sort vs topk" 20; then
-  timeout 30 "$PY" benchmarks/ohem_threshold.py "${OHEM[@]}" --json "$R/ohem.json" > "$R/ohem.txt" 2>&1
+  timeout $((30 * SLACK)) "$PY" benchmarks/ohem_threshold.py "${OHEM[@]}" --json "$R/ohem.json" > "$R/ohem.txt" 2>&1
 fi
 if section "step: plain fp32 eager vs ours (the one compile)" 150; then
-  timeout 170 "${BENCH[@]}" --steps $STEPS --warmup $WARM --json "$R/step.json" > "$R/step.txt" 2>&1
+  timeout $((170 * SLACK)) "${BENCH[@]}" --steps $STEPS --warmup $WARM --json "$R/step.json" > "$R/step.txt" 2>&1
 fi
 if section "step: forced fp16 + GradScaler (fused SGD), eager" 40; then
-  timeout 50 "${BENCH[@]}" --configs ours "${FP16[@]}" --steps $STEPS --warmup $WARM --json "$R/step_fp16.json" > "$R/step_fp16.txt" 2>&1
+  timeout $((50 * SLACK)) "${BENCH[@]}" --configs ours "${FP16[@]}" --steps $STEPS --warmup $WARM --json "$R/step_fp16.json" > "$R/step_fp16.txt" 2>&1
 fi
 if section "SyncBN over 2 processes on one GPU: eager vs compiled, graph breaks, host syncs" 75; then
-  timeout 90 "$PY" benchmarks/syncbn_check.py --backbone $BACKBONE "${SB[@]}" --json "$R/syncbn.json" > "$R/syncbn.txt" 2>&1
+  timeout $((90 * SLACK)) "$PY" benchmarks/syncbn_check.py --backbone $BACKBONE "${SB[@]}" --json "$R/syncbn.json" > "$R/syncbn.txt" 2>&1
 fi
 log "waiting for the data"; wait $DATA_PID; cat "$R/data.txt"
 
@@ -116,7 +117,7 @@ TRAIN=(-S "train.crop_size=[$CH,$CW]" -S train.batch_size=$BATCH -S train.worker
        -S train.warmup_iters=0 -S evaluate.batch_size=$EVAL_BATCH -S evaluate.workers=$WORKERS)
 
 if section "seg train: the loop on synthetic ${H}x${W} shards (compiled: the cache hits)" 60; then
-  timeout 75 "${SEG[@]}" train "${P[@]}" "${MODEL[@]}" "${DEV[@]}" "${TRAIN[@]}" -S train.iterations=$ITERS \
+  timeout $((75 * SLACK)) "${SEG[@]}" train "${P[@]}" "${MODEL[@]}" "${DEV[@]}" "${TRAIN[@]}" -S train.iterations=$ITERS \
     -S train.log_every=$LOGN -S train.val_interval=$ITERS -S train.checkpoint_interval=$ITERS > "$R/train_synth.txt" 2>&1 \
     || echo "seg train (synthetic) failed: see train_synth.txt" >> "$R/errors.txt"
   cp "$WORK/out/train/train_log.jsonl" "$R/train_synth_log.jsonl" 2>/dev/null \
@@ -125,7 +126,7 @@ fi
 for what in "whole 1.0" "slide 1.0" "whole 1.0,1.25"; do
   read -r mode scales <<< "$what"; name=eval_${mode}_${scales//[.,]/_}
   if section "seg eval $mode, scales [$scales]: full resolution ${H}x${W}, batch $EVAL_BATCH" 25; then
-    timeout 40 "${SEG[@]}" eval "${P[@]}" "${DEV[@]}" -S evaluate.mode=$mode -S "evaluate.scales=[$scales]" \
+    timeout $((40 * SLACK)) "${SEG[@]}" eval "${P[@]}" "${DEV[@]}" -S evaluate.mode=$mode -S "evaluate.scales=[$scales]" \
       -S evaluate.batch_size=$EVAL_BATCH -S evaluate.workers=$WORKERS --out "$WORK/$name" > "$R/$name.txt" 2>&1 \
       && cp "$WORK/$name/metrics.json" "$R/$name.json" \
       || echo "seg eval $mode [$scales] failed: see $name.txt" >> "$R/errors.txt"
@@ -133,7 +134,7 @@ for what in "whole 1.0" "slide 1.0" "whole 1.0,1.25"; do
 done
 if section "seg train --gpus 1 with os8_from: OS16 -> OS8 under DDP, BN frozen" 45; then
   NCCL_DEV=(); [ $TOY = 1 ] && NCCL_DEV=(-S train.device=cpu)
-  timeout 60 "${SEG[@]}" train --gpus 1 "${P[@]}" "${MODEL[@]}" "${NCCL_DEV[@]}" "${TRAIN[@]}" -S "data.outputs=$WORK/out_os8" \
+  timeout $((60 * SLACK)) "${SEG[@]}" train --gpus 1 "${P[@]}" "${MODEL[@]}" "${NCCL_DEV[@]}" "${TRAIN[@]}" -S "data.outputs=$WORK/out_os8" \
     -S train.iterations=8 -S train.os8_from=4 -S train.log_every=2 -S train.val_interval=8 -S train.compile=false \
     > "$R/train_gpus1_os8.txt" 2>&1; echo $? > "$R/train_gpus1_os8.rc"
 fi
@@ -142,7 +143,7 @@ if section "a CPU-made checkpoint resumed on CUDA (fused SGD, channels-last)" 45
   SMALL=(-S train.model.backbone=mobilenet_v3_large -S "train.crop_size=[128,128]" -S train.batch_size=2
          -S train.workers=0 -S train.warmup_iters=0 -S train.val_interval=100 -S train.log_every=1
          -S train.checkpoint_interval=2 -S train.iterations=4 -S train.amp=auto -S "data.outputs=$WORK/out_resume")
-  timeout 40 "$PY" - "$WORK/proj/params.yaml" "data.shards=$WORK/shards" "${SMALL[@]}" -S train.device=cpu \
+  timeout $((40 * SLACK)) "$PY" - "$WORK/proj/params.yaml" "data.shards=$WORK/shards" "${SMALL[@]}" -S train.device=cpu \
     > "$R/resume_cpu.txt" 2>&1 <<'PY'
 import sys
 from stages import steps
@@ -150,20 +151,20 @@ args = sys.argv[1:]
 steps.train(steps.load(args[0], [a for a in args[1:] if a != "-S"]), stop_after=2)
 print("stopped at step 2 on the CPU")
 PY
-  timeout 40 "${SEG[@]}" train --resume "${P[@]}" "${SMALL[@]}" -S train.device=$RDEV > "$R/resume_cuda.txt" 2>&1
+  timeout $((40 * SLACK)) "${SEG[@]}" train --resume "${P[@]}" "${SMALL[@]}" -S train.device=$RDEV > "$R/resume_cuda.txt" 2>&1
   echo $? > "$R/resume_cuda.rc"
 fi
 if section "loader: our step fed by $WORKERS decode workers, synthetic ${H}x${W} shards" 45; then
-  timeout 60 "${BENCH[@]}" --mode loader --steps $STEPS --warmup $WARM --shards "$WORK/shards/train" \
+  timeout $((60 * SLACK)) "${BENCH[@]}" --mode loader --steps $STEPS --warmup $WARM --shards "$WORK/shards/train" \
     --workers $WORKERS --json "$R/loader_synth.json" > "$R/loader_synth.txt" 2>&1
 fi
 if [ -d "$WORK/camvid/train" ] && section "CamVid ${CVH}x${CVW}, batch $CV_BATCH: step fed by the loader vs resident (uncompiled)" 40; then
-  timeout 50 "$PY" benchmarks/train_throughput.py --mode loader --backbone $BACKBONE "${BENCH_DEV[@]}" \
+  timeout $((50 * SLACK)) "$PY" benchmarks/train_throughput.py --mode loader --backbone $BACKBONE "${BENCH_DEV[@]}" \
     --no-compile --num-classes 11 --crop $CV_CROP --batch $CV_BATCH --steps $STEPS --warmup $WARM \
     --shards "$WORK/camvid/train" --workers $WORKERS --json "$R/loader_camvid.json" > "$R/loader_camvid.txt" 2>&1
 fi
 if [ $TOY = 0 ] && section "host syncs per step in the loop (torch.cuda sync debug mode)" 60; then
-  timeout 75 "$PY" benchmarks/sync_check.py --params "$WORK/proj/params.yaml" -S "data.shards=$WORK/shards" \
+  timeout $((75 * SLACK)) "$PY" benchmarks/sync_check.py --params "$WORK/proj/params.yaml" -S "data.shards=$WORK/shards" \
     -S train.model.backbone=mobilenet_v3_large -S "train.crop_size=[256,512]" -S train.batch_size=4 \
     -S train.workers=4 -S train.compile=false -S evaluate.batch_size=4 --json "$R/sync.json" > "$R/sync.txt" 2>&1
 fi
