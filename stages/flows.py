@@ -336,9 +336,13 @@ class _TsvTail:
         return rows
 
 
-def run_dvc_stage(root: Path, stage: str, logger) -> tuple[str, float]:
+def run_dvc_stage(
+    root: Path, stage: str, logger, notes: list[str] | None = None
+) -> tuple[str, float]:
     """`dvc repro --single-item STAGE`, its output streamed to `logger`. Returns how it went
-    ("ran" or "restored from the run cache") and the seconds it took."""
+    ("ran" or "restored from the run cache") and the seconds it took; `notes` collects the
+    lines that say how training started (resumed from where, a new run and why, a damaged
+    checkpoint set aside) for the run's stage table."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         dvc_command("repro", "--single-item", stage), cwd=root, env=dvc_env(),
@@ -351,6 +355,8 @@ def run_dvc_stage(root: Path, stage: str, logger) -> tuple[str, float]:
         if line.strip():
             lines.append(line)
             logger.info("%s", line)
+            if notes is not None and steps.is_train_note(line):
+                notes.append(line.strip())
     code = proc.wait()
     seconds = time.perf_counter() - t0
     text = "\n".join(lines)
@@ -384,19 +390,21 @@ def dvc_stage(root: str, stage: str, log_every: int = 50) -> dict:
         return {"stage": stage, "result": "up to date", "why": "", "seconds": _since(t0)}
     why = describe_changes(changes)
     logger.info("%s: %s; running `dvc repro --single-item %s`", stage, why, stage)
-    progress = None
+    progress, notes = None, []
     if stage == "train":
         p = steps.load(Path(root) / "params.yaml")
         live = Path(root) / steps.train_dir(p) / "dvclive"
         progress = TrainProgress(live, p.train.iterations, log_every, logger)
         progress.start()
     try:
-        result, _ = run_dvc_stage(Path(root), stage, logger)
+        result, _ = run_dvc_stage(Path(root), stage, logger, notes)
     finally:
         if progress is not None:
             progress.stop()
     logger.info("%s: %s in %.1f s", stage, result, _since(t0))
-    return {"stage": stage, "result": result, "why": why, "seconds": _since(t0)}
+    return {
+        "stage": stage, "result": result, "why": why, "seconds": _since(t0), "notes": notes
+    }  # fmt: skip
 
 
 def _since(t0: float) -> float:
@@ -506,15 +514,18 @@ def stages_markdown(results: list[dict], planned: list[str], failed: str | None 
         f"# DVC stages: {ran} ran, {len(results) - ran} up to date"
         + (f", failed at {failed}" if failed else ""),
         "",
-        "| stage | result | why | seconds |",
-        "| --- | --- | --- | --- |",
+        "| stage | result | why | seconds | notes |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for stage in planned:
         r = done.get(stage)
         if r is not None:
-            lines.append(f"| {stage} | {r['result']} | {r['why'] or '-'} | {r['seconds']:.1f} |")
+            notes = "<br>".join(n.replace("|", "\\|") for n in r.get("notes") or []) or "-"
+            lines.append(
+                f"| {stage} | {r['result']} | {r['why'] or '-'} | {r['seconds']:.1f} | {notes} |"
+            )
         else:
-            lines.append(f"| {stage} | {'failed' if stage == failed else 'not run'} | - | - |")
+            lines.append(f"| {stage} | {'failed' if stage == failed else 'not run'} | - | - | - |")
     return "\n".join(lines) + "\n"
 
 
