@@ -112,7 +112,7 @@ def train(
     best: list[dict] = []  # [{"miou", "step", "path"}], best first
     history: list[dict] = []  # one row per report: step, loss, lr (+ val_miou)
     if ckpt is not None:
-        _restore_optimizer(optimizer, scaler, ckpt, out_dir / LAST)
+        _restore_optimizer(optimizer, scaler, ckpt, resume_from)
         best, history = list(ckpt.get("best", [])), list(ckpt.get("history", []))
         log.info("resumed from %s at step %d", resume_from, start)
     if rank == 0:
