@@ -9,16 +9,31 @@ and leaves whatever was at the final path untouched.
     with atomic_path("outputs/eval/metrics.json") as tmp:
         tmp.write_text(...)                    # or torch.save(obj, tmp), fig.savefig(tmp) ...
     atomic_write("outputs/eval/metrics.json", text)
+    with atomic_files() as new:                # several files that change together
+        new("metrics.json").write_text(...); new("confusion.png", ".png") ...
+
+Modes: temporary files and folders are created with 0o666 / 0o777 and the kernel applies the
+process umask (and a folder's default ACL), so a result has the mode a plain `open()` or
+`mkdir` gives it (0644 / 0755 under umask 022) - not mkstemp's 0600, which left colleagues
+and service users unable to read each other's results.
+
+A full disk (ENOSPC, or EDQUOT: over quota) while writing raises `DiskFull` naming the final
+path; the temporary file is removed and the final path keeps its old content.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline.errors import DiskFull
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def fsync_dir(folder: Path | str) -> None:
@@ -43,23 +58,101 @@ def replace(tmp: Path | str, path: Path | str) -> Path:
     return path
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Did `exc` (or what it was raised from) fail for lack of space (ENOSPC, EDQUOT)?"""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(path: Path | str, exc: BaseException | None = None, part: str = "") -> DiskFull:
+    """The one-line error for a write to `path` (`part`: the file inside a folder) that ran
+    out of space."""
+    quota = isinstance(exc, OSError) and exc.errno == errno.EDQUOT
+    why = "disk quota exceeded" if quota else "disk full (no space left on device)"
+    writing = f" writing {part}" if part else ""
+    return DiskFull(f"{path}: {why}{writing}; it was left as it was: free space and run again")
+
+
+def _new_file(path: Path, suffix: str) -> Path:
+    """A new empty file next to `path`, created as `open()` creates one (mode 0o666 less the
+    umask), under a name nothing else uses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _new_dir(path: Path, kind: str) -> Path:
+    """A new empty folder next to `path`, with `mkdir`'s mode (0o777 less the umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.parent / f".{path.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    replace(tmp, path)
+
+
 @contextmanager
 def atomic_path(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to `path`; on a clean exit it is fsynced and renamed over
     `path`, on an exception it is removed. `suffix` keeps an extension for writers that infer
     the format from the name (matplotlib's savefig)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_file(path, suffix)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        replace(tmp, path)
-    except BaseException:
+        _commit(tmp, path)
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if disk_full(exc):
+            raise disk_full_error(path, exc) from None
+        raise
+
+
+@contextmanager
+def atomic_files() -> Iterator[Callable[..., Path]]:
+    """Several files that replace their final paths together: `new(path, suffix=".tmp")`
+    gives each one a temporary path. Only when the block ends cleanly are they all fsynced
+    and renamed into place; on an exception (a full disk at the third file) every temporary
+    file is removed and none of the final paths has changed."""
+    made: list[tuple[Path, Path]] = []  # (temporary, final)
+
+    def new(path: Path | str, suffix: str = ".tmp") -> Path:
+        path = Path(path)
+        made.append((_new_file(path, suffix), path))
+        return made[-1][0]
+
+    try:
+        yield new
+        for tmp, _ in made:  # everything on disk before any final path changes
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for tmp, path in made:
+            replace(tmp, path)
+    except BaseException as exc:
+        for tmp, _ in made:
+            tmp.unlink(missing_ok=True)
+        if disk_full(exc):
+            name = getattr(exc, "filename", None)
+            failed = next((p for t, p in made if str(t) == str(name)), None)
+            raise disk_full_error(failed or (made[-1][1] if made else "?"), exc) from None
         raise
 
 
@@ -80,26 +173,18 @@ def atomic_copy(src: Path | str, path: Path | str) -> Path:
     return Path(path)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on a clean exit it replaces `path` (an old
     folder there is removed only after the new one is complete), on an exception it is
-    removed."""
+    removed. A full disk raises DiskFull naming `path` (and the file being written)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the folder keeps the usual mode
+    tmp = _new_dir(path, "tmp")
     try:
         yield tmp
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = _new_dir(path, "old")
             os.replace(path, old / path.name)
         try:
             replace(tmp, path)
@@ -109,6 +194,9 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            name = getattr(exc, "filename", None)
+            raise disk_full_error(path, exc, Path(name).name if name else "") from None
         raise

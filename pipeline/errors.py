@@ -20,3 +20,11 @@ class ConfigError(SegError):
 
 class CheckpointError(SegError):
     """A checkpoint or weights file is missing or does not fit the model."""
+
+
+class DiskFull(SegError):
+    """A write ran out of space (ENOSPC, or EDQUOT): names the path; nothing was replaced."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """The file is there but is no whole checkpoint: truncated, empty, corrupted, foreign."""

@@ -20,10 +20,12 @@ and the result is saved with `dvc exp save`, so it shows up in `dvc exp show`.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -336,9 +338,13 @@ class _TsvTail:
         return rows
 
 
-def run_dvc_stage(root: Path, stage: str, logger) -> tuple[str, float]:
+def run_dvc_stage(
+    root: Path, stage: str, logger, notes: list[str] | None = None
+) -> tuple[str, float]:
     """`dvc repro --single-item STAGE`, its output streamed to `logger`. Returns how it went
-    ("ran" or "restored from the run cache") and the seconds it took."""
+    ("ran" or "restored from the run cache") and the seconds it took; `notes` collects the
+    lines that say how training started (resumed from where, a new run and why, a damaged
+    checkpoint set aside) for the run's stage table."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         dvc_command("repro", "--single-item", stage), cwd=root, env=dvc_env(),
@@ -346,12 +352,18 @@ def run_dvc_stage(root: Path, stage: str, logger) -> tuple[str, float]:
     )  # fmt: skip
     lines: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line.strip():
-            lines.append(line)
-            logger.info("%s", line)
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line.strip():
+                lines.append(line)
+                logger.info("%s", line)
+                if notes is not None and steps.is_train_note(line):
+                    notes.append(line.strip())
+        code = proc.wait()
+    except BaseException:  # cancelled, crashed, its worker gone: the stage goes with the run
+        stop_process_tree(proc.pid)
+        raise
     seconds = time.perf_counter() - t0
     text = "\n".join(lines)
     if code != 0:
@@ -362,6 +374,157 @@ def run_dvc_stage(root: Path, stage: str, logger) -> tuple[str, float]:
         )
     cached = f"Stage '{stage}' is cached - skipping run" in text
     return ("restored from the run cache" if cached else "ran"), seconds
+
+
+def stop_process_tree(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM a process and its descendants (dvc, the stage's `seg`, its DataLoader
+    workers), SIGKILL what is left after `grace` seconds. A training stopped so keeps its
+    last checkpoint (written atomically) and the next run resumes from it."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+class ParentWatch(threading.Thread):
+    """A run that a worker or `seg serve` started ends when that process dies.
+
+    The process worker starts each flow run in a session of its own, so a worker killed
+    with SIGKILL (OOM killer, `kill -9`, a crashed service manager) leaves the run going as
+    an orphan that no worker supervises or can cancel. This thread notices the parent is
+    gone (the run was re-parented) and sends the run SIGTERM: Prefect's handler turns that
+    into a crash (state Crashed, "Execution was aborted by a termination signal"), the
+    running stage's processes are stopped (`stop_process_tree`), and the next run resumes
+    from last.pt. When the whole machine dies, nothing is left to report: the deployment's
+    heartbeat automation (`crash_silent_runs`) marks the run Crashed instead.
+    """
+
+    def __init__(self, logger, every: float = 2.0) -> None:
+        super().__init__(daemon=True, name="parent-watch")
+        self.parent, self.logger, self.every = os.getppid(), logger, every
+        self.done = threading.Event()
+        self.context = contextvars.copy_context()  # the run's logger works in this thread
+
+    @classmethod
+    def start_if_supervised(cls, logger) -> ParentWatch | None:
+        """Watch the parent of a run started by a worker or a runner (they set
+        PREFECT__FLOW_RUN_ID in its environment); not `seg flow`, which runs in-process."""
+        if not os.environ.get("PREFECT__FLOW_RUN_ID") or os.getppid() <= 1:
+            return None
+        watch = cls(logger)
+        watch.start()
+        return watch
+
+    def run(self) -> None:
+        self.context.run(self._watch)
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.every):
+            if os.getppid() == self.parent:
+                continue
+            # The worker held the read end of this process's stdout and stderr: a write
+            # there now fails, and rich (Prefect's console log handler) turns that into
+            # SystemExit in whichever thread logs. Point both at /dev/null first; the run's
+            # logs still reach the API.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+            # to the main thread: it sits in a blocking read of the stage's output, which
+            # only a signal delivered to that thread interrupts
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            with contextlib.suppress(Exception):
+                self.logger.error(
+                    "the worker that started this run (PID %d) is gone: ending the run; the "
+                    "next run resumes from the last checkpoint",
+                    self.parent,
+                )
+            return
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+# Runs of our deployments send a heartbeat every HEARTBEAT_S seconds (Prefect's minimum; its
+# default is 180); a run that sends none, nor a final state, for CRASH_AFTER_S is marked
+# Crashed by an automation on the server (`crash_silent_runs`): a worker's machine that died
+# leaves no process to say so. Three heartbeats: a busy machine may delay one.
+HEARTBEAT_S = 30
+CRASH_AFTER_S = 90
+
+
+def crash_silent_runs(deployment_id, deployment_name: str) -> str:
+    """Create (or replace) the automation that marks a run of this deployment Crashed when
+    its heartbeats stop (Prefect's documented zombie-run detection: a proactive trigger on
+    `prefect.flow-run.heartbeat`). Returns the automation's name."""
+    from datetime import timedelta
+
+    from prefect.automations import (
+        AutomationCore,
+        ChangeFlowRunState,
+        EventTrigger,
+        Posture,
+        ResourceSpecification,
+    )
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    name = f"{deployment_name}: crash runs without heartbeats"
+    automation = AutomationCore(
+        name=name,
+        description=(
+            f"A run of deployment {deployment_name} that sends no heartbeat (every "
+            f"{HEARTBEAT_S} s) and no final state for {CRASH_AFTER_S} s died with its "
+            "machine or worker: mark it Crashed (made by `seg deploy` / `seg serve`)"
+        ),
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },  # fmt: skip
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification(
+                {
+                    "prefect.resource.role": "deployment",
+                    "prefect.resource.id": [f"prefect.deployment.{deployment_id}"],
+                }
+            ),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=CRASH_AFTER_S),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {CRASH_AFTER_S} s: its worker or machine died",
+            )
+        ],
+    )
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(name):
+            client.delete_automation(old.id)
+        client.create_automation(automation)
+    return name
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -384,19 +547,21 @@ def dvc_stage(root: str, stage: str, log_every: int = 50) -> dict:
         return {"stage": stage, "result": "up to date", "why": "", "seconds": _since(t0)}
     why = describe_changes(changes)
     logger.info("%s: %s; running `dvc repro --single-item %s`", stage, why, stage)
-    progress = None
+    progress, notes = None, []
     if stage == "train":
         p = steps.load(Path(root) / "params.yaml")
         live = Path(root) / steps.train_dir(p) / "dvclive"
         progress = TrainProgress(live, p.train.iterations, log_every, logger)
         progress.start()
     try:
-        result, _ = run_dvc_stage(Path(root), stage, logger)
+        result, _ = run_dvc_stage(Path(root), stage, logger, notes)
     finally:
         if progress is not None:
             progress.stop()
     logger.info("%s: %s in %.1f s", stage, result, _since(t0))
-    return {"stage": stage, "result": result, "why": why, "seconds": _since(t0)}
+    return {
+        "stage": stage, "result": result, "why": why, "seconds": _since(t0), "notes": notes
+    }  # fmt: skip
 
 
 def _since(t0: float) -> float:
@@ -506,15 +671,18 @@ def stages_markdown(results: list[dict], planned: list[str], failed: str | None 
         f"# DVC stages: {ran} ran, {len(results) - ran} up to date"
         + (f", failed at {failed}" if failed else ""),
         "",
-        "| stage | result | why | seconds |",
-        "| --- | --- | --- | --- |",
+        "| stage | result | why | seconds | notes |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for stage in planned:
         r = done.get(stage)
         if r is not None:
-            lines.append(f"| {stage} | {r['result']} | {r['why'] or '-'} | {r['seconds']:.1f} |")
+            notes = "<br>".join(n.replace("|", "\\|") for n in r.get("notes") or []) or "-"
+            lines.append(
+                f"| {stage} | {r['result']} | {r['why'] or '-'} | {r['seconds']:.1f} | {notes} |"
+            )
         else:
-            lines.append(f"| {stage} | {'failed' if stage == failed else 'not run'} | - | - |")
+            lines.append(f"| {stage} | {'failed' if stage == failed else 'not run'} | - | - | - |")
     return "\n".join(lines) + "\n"
 
 
@@ -531,6 +699,15 @@ def pipeline_flow(
 
     `overrides` (`section.key=value`) make the run an experiment (`dvc exp save`)."""
     logger = get_run_logger()
+    watch = ParentWatch.start_if_supervised(logger)
+    try:
+        return _pipeline(targets, overrides, log_every, logger)
+    finally:
+        if watch is not None:
+            watch.stop()
+
+
+def _pipeline(targets, overrides, log_every: int, logger) -> dict:
     root = project_root()
     steps.load(root / "params.yaml", overrides)  # a bad override fails here, before any work
     planned = stage_plan(root, targets)
@@ -648,7 +825,15 @@ def deploy(
     # `flow.deploy` would also list the pool's workers, a request this server version
     # rejects (422 on the client's null limit); registering the deployment is all it needs
     deployment = pipeline_flow.to_deployment(
-        name, work_pool_name=pool, job_variables={"working_dir": str(workdir)},
+        name, work_pool_name=pool,
+        job_variables={"working_dir": str(workdir), "env": heartbeat_env()},
         **_deployment_kwargs(cron, timezone, overrides, collision),
     )  # fmt: skip
-    return deployment.apply(work_pool_name=pool)
+    deployment_id = deployment.apply(work_pool_name=pool)
+    crash_silent_runs(deployment_id, f"{pipeline_flow.name}/{name}")
+    return deployment_id
+
+
+def heartbeat_env() -> dict[str, str]:
+    """The environment that makes a run send heartbeats every HEARTBEAT_S seconds."""
+    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}

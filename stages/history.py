@@ -33,8 +33,9 @@ def _row(metrics: dict) -> dict:
     }
 
 
-def append_run(path: Path | str, metrics: dict) -> dict:
-    """Append one evaluation; the file is rewritten to a temporary name and renamed."""
+def append_run(path: Path | str, metrics: dict, tmp: Path | None = None) -> dict:
+    """Append one evaluation; the file is rewritten to a temporary name and renamed (`tmp`:
+    the caller's temporary path, renamed with the evaluation's other files)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -43,8 +44,11 @@ def append_run(path: Path | str, metrics: dict) -> dict:
     table = pa.Table.from_pylist([row])
     if path.exists():
         table = pa.concat_tables([pq.read_table(path), table], promote_options="default")
-    with atomic_path(path) as tmp:
+    if tmp is not None:
         pq.write_table(table, tmp)
+        return row
+    with atomic_path(path) as new:
+        pq.write_table(table, new)
     return row
 
 

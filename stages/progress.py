@@ -25,7 +25,9 @@ def pct(x: float | None) -> str:
 
 @contextmanager
 def progress_bar(description: str, *fields: str) -> Iterator:
-    """Yields `update(done, total, **fields)`; extra fields (loss, lr, ...) show after the bar."""
+    """Yields `update(done, total, **fields)`; extra fields (loss, lr, ...) show after the bar.
+    The bar appears at the first update: a command that fails before any progress (a bad
+    checkpoint, a full disk) prints its one error line and nothing else."""
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -35,15 +37,23 @@ def progress_bar(description: str, *fields: str) -> Iterator:
         TextColumn("eta"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=None, **{f: "-" for f in fields})
+    bar = Progress(*columns, console=console, transient=False)
+    task = None
 
-        def update(done: int, total: int | None = None, **values) -> None:
-            bar.update(
-                task,
-                completed=done,
-                total=total,
-                **{k: v for k, v in values.items() if k in fields},
-            )
+    def update(done: int, total: int | None = None, **values) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=None, **{f: "-" for f in fields})
+        bar.update(
+            task,
+            completed=done,
+            total=total,
+            **{k: v for k, v in values.items() if k in fields},
+        )
 
+    try:
         yield update
+    finally:
+        if task is not None:
+            bar.stop()

@@ -7,14 +7,16 @@ declared once there; dvc.yaml templates them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
-from pipeline.atomic import atomic_path, atomic_write
+from pipeline.atomic import atomic_files, atomic_write
 from pipeline.errors import ConfigError, DataError
 from pipeline.params import Params, load_params, params_from_dict, yaml_load
 
@@ -199,10 +201,13 @@ def train(
     sink=None,
     stop_after: int | None = None,
     fold: int | None = None,
+    say: Callable[[str], object] | None = None,
 ) -> dict:
     """Train on the train shards, validating on the val shards; rank 0 writes checkpoints,
     the training log and summary.json. `fold` k: train on the training split outside fold k,
-    validate on fold k, into {outputs}/kfold/fold-k/train."""
+    validate on fold k, into {outputs}/kfold/fold-k/train. `say` gets the lines that tell how
+    the run starts (resumed from which checkpoint at which step, or a new run and why; a
+    damaged checkpoint set aside): `seg train` prints them on stdout."""
     from pipeline.data.labels import get_spec
     from pipeline.data.shards import class_pixel_counts
     from pipeline.engine.distributed import rank_world
@@ -218,19 +223,26 @@ def train(
         strict = resume is Resume.CONTINUE
         out, train_src, val_src, counts, same_folds = _fold_training(p, fold, strict)
         resume = resume if same_folds else Resume.NEW
-    cont = resume is not Resume.NEW and _resumable(
-        out / "last.pt", p, strict=resume is Resume.CONTINUE
-    )
     main = rank_world()[0] == 0  # under torchrun only rank 0 logs and writes
-    logger = _Log(out, cont, sink) if main else None
+    plan = plan_resume(out / "last.pt", p, resume, set_aside=main)
+    for note in plan.notes:
+        log.info("%s", note)
+        if main and say is not None:
+            say(note)
+    logger = _Log(out, plan.checkpoint is not None, sink) if main else None
     try:
         result = train(
             p.train, train_src, val_src, out, get_spec(p.data.dataset), class_counts=counts,
-            resume=cont, callbacks=logger or Callbacks(), stop_after=stop_after,
+            resume=plan.checkpoint or False, callbacks=logger or Callbacks(),
+            stop_after=stop_after,
         )  # fmt: skip
-    finally:
-        if logger is not None:
-            logger.close()
+    except BaseException:
+        if logger is not None:  # the training's error (a full disk) is the one to report
+            with contextlib.suppress(Exception):
+                logger.close()
+        raise
+    if logger is not None:
+        logger.close()
     summary = {k: v for k, v in result.items() if k != "history"}
     if main:
         _write_json(out / "summary.json", summary)
@@ -306,20 +318,24 @@ def evaluate(
     }
     if fold_info is not None:
         metrics["provenance"]["fold"] = fold_info
-    _write_json(out / "metrics.json", metrics)
-    _write_json(
-        out / "per_class_iou.json",
-        [{"class": k, "iou": v} for k, v in metrics["per_class_iou"].items()],
-    )
-    _write_json(
-        out / "confusion.json",
-        {"classes": list(spec.class_names), "matrix": acc.confusion.tolist()},
-    )
-    confusion_png(acc.confusion.cpu().numpy(), spec.class_names, out / "confusion.png")
-    if fold is None:
-        from stages.history import append_run
+    # all or nothing: a full disk at the last file leaves every previous result as it was
+    with atomic_files() as new:
+        _json_to(new(out / "metrics.json"), metrics)
+        _json_to(
+            new(out / "per_class_iou.json"),
+            [{"class": k, "iou": v} for k, v in metrics["per_class_iou"].items()],
+        )
+        _json_to(
+            new(out / "confusion.json"),
+            {"classes": list(spec.class_names), "matrix": acc.confusion.tolist()},
+        )
+        confusion_png(
+            acc.confusion.cpu().numpy(), spec.class_names, new(out / "confusion.png", ".png")
+        )
+        if fold is None:
+            from stages.history import append_run
 
-        append_run(runs_file(p), metrics)
+            append_run(runs_file(p), metrics, new(runs_file(p)))
     return metrics
 
 
@@ -442,43 +458,135 @@ def _check_dataset(shards: Path, dataset: str) -> None:
 _RESUME_FREE = ("device", "val_interval", "checkpoint_interval", "keep_best", "log_every")
 
 
-def _resumable(last: Path, p: Params, strict: bool = False) -> bool:
-    """Can `last` be continued with these params? With strict (`seg train --resume`), a no is an
-    error saying why; otherwise (`--auto-resume`: dvc repro, the flows) the run starts afresh, so
-    a changed lr or `dvc repro -f` really retrains, and the reason is logged."""
+# what a checkpoint needs to be continued exactly (a best-*.pt snapshot holds only weights)
+_RESUME_KEYS = ("model", "optimizer", "step", "params")
 
-    from pipeline.engine.checkpoint import load
-    from pipeline.errors import CheckpointError
 
-    def no(reason: str) -> bool:
-        if strict:
-            raise CheckpointError(f"{last}: cannot resume: {reason}")
-        log.warning("%s: %s; starting a new run", last, reason)
-        return False
+@dataclasses.dataclass
+class ResumePlan:
+    """How `train` starts: `checkpoint` to continue (None: a new run), and the lines that say
+    so, in order (`seg train` prints them; dvc repro and the flows' logs show them)."""
 
-    if not last.is_file():
-        return no("no checkpoint yet")
-    ckpt = load(last)
+    checkpoint: Path | None
+    notes: list[str]
+
+
+def plan_resume(last: Path, p: Params, mode: Resume, set_aside: bool = True) -> ResumePlan:
+    """Which checkpoint a run continues.
+
+    NEW (`seg train`): none. CONTINUE (`--resume`): `last` (last.pt), or an error saying why
+    it cannot be continued (missing, damaged, other params, finished). AUTO (`--auto-resume`:
+    dvc repro, the flows): the newest readable of last.pt and last-prev.pt (the checkpoint
+    saved before it). A damaged one (truncated, empty, failing its CRC check, a foreign file)
+    is renamed to `NAME.damaged-<time>` (`set_aside`; False on the other ranks of a torchrun
+    job, which only skip it) and named in one line. The first readable one is continued if it
+    is an unfinished run of the same params; otherwise the run starts afresh, saying why, so
+    a changed lr or `dvc repro -f` really retrains.
+
+    best-*.pt snapshots are not fallbacks: they hold the weights but not the optimizer's
+    momentum, the loss scaler, the RNG states or the data position, so a run continued from
+    one would not be the run it was. With nothing readable left, the run starts afresh with
+    the same seed; on CPU that retrains to the very same weights, only the time is lost."""
+    from pipeline.engine import checkpoint
+    from pipeline.errors import CheckpointError, DamagedCheckpoint
+
+    mode = Resume(mode)
+    if mode is Resume.NEW:
+        return ResumePlan(None, ["starting a new run"])
+    strict = mode is Resume.CONTINUE
+    notes: list[str] = []
+    damaged = False
+    for path in [last] if strict else [last, checkpoint.previous_path(last)]:
+        if not path.is_file():
+            continue
+        try:
+            ckpt = checkpoint.load(path)
+            missing = [k for k in _RESUME_KEYS if k not in ckpt]
+            if missing:
+                raise DamagedCheckpoint(
+                    f"{path}: not a resumable checkpoint (no {', '.join(missing)}: a best-*.pt "
+                    "snapshot or another program's file?)"
+                )
+        except DamagedCheckpoint as exc:
+            if strict:
+                prev = checkpoint.previous_path(last)
+                hint = f": --auto-resume sets it aside and continues {prev.name}"
+                raise CheckpointError(
+                    f"{exc}; cannot resume" + (hint if prev.is_file() else "")
+                ) from None
+            damaged = True
+            if set_aside:
+                aside = checkpoint.set_aside(path)
+                notes.append(f"{exc}; kept aside as {aside.name}")
+            else:
+                notes.append(f"{exc}; skipped")
+            continue
+        reason = _why_not_resumable(ckpt, p)
+        if reason:
+            if strict:
+                raise CheckpointError(f"{path}: cannot resume: {reason}")
+            return ResumePlan(None, [*notes, f"starting a new run: {path}: {reason}"])
+        step = int(ckpt["step"])
+        return ResumePlan(
+            path, [*notes, f"resumed from {path} at step {step} of {p.train.iterations}"]
+        )
+    if strict:
+        raise CheckpointError(f"{last}: cannot resume: no checkpoint yet")
+    why = "no readable checkpoint left" if damaged else "no checkpoint yet"
+    return ResumePlan(None, [*notes, f"starting a new run: {last.parent}: {why}"])
+
+
+def is_train_note(line: str) -> bool:
+    """Is this output line of `seg train` one of plan_resume's notes? (The flows put them in
+    the run's stage table.)"""
+    return line.startswith(("resumed from ", "starting a new run")) or "; kept aside as " in line
+
+
+def _why_not_resumable(ckpt: dict, p: Params) -> str | None:
+    """Why a readable checkpoint cannot be continued with these params (None: it can)."""
     old, new = ckpt.get("params") or {}, dataclasses.asdict(p.train)
     changed = sorted(k for k in new if k not in _RESUME_FREE and old.get(k) != new[k])
     if changed:
-        return no("trained with other params: " + ", ".join(f"train.{k}" for k in changed))
+        return "trained with other params: " + ", ".join(f"train.{k}" for k in changed)
     if int(ckpt.get("step", 0)) >= p.train.iterations:
-        return no(f"the run finished at step {ckpt.get('step')}")
-    return True
+        return f"the run finished at step {ckpt.get('step')}"
+    return None
+
+
+def _resumable(last: Path, p: Params, strict: bool = False) -> bool:
+    """Can `last` itself be continued with these params? With strict (`seg train --resume`),
+    a no is an error saying why; otherwise the reason is logged."""
+    from pipeline.engine.checkpoint import load
+    from pipeline.errors import CheckpointError
+
+    reason = "no checkpoint yet" if not last.is_file() else _why_not_resumable(load(last), p)
+    if reason and strict:
+        raise CheckpointError(f"{last}: cannot resume: {reason}")
+    if reason:
+        log.warning("%s: %s; starting a new run", last, reason)
+    return reason is None
 
 
 def _workers(n: int) -> int:
     return n or os.cpu_count() or 1
 
 
+def _json_text(data) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def _write_json(path: Path, data) -> None:
     """Write JSON to a temporary file, then rename: never a half-written metrics file."""
-    atomic_write(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write(path, _json_text(data))
+
+
+def _json_to(path: Path, data) -> None:
+    path.write_text(_json_text(data), encoding="utf-8")
 
 
 def confusion_png(confusion, class_names, path: Path) -> None:
-    """The row-normalised confusion matrix as a heat map with class names (PIL only)."""
+    """The row-normalised confusion matrix as a heat map with class names (PIL only), written
+    to `path` as it is (callers pass a temporary path: pipeline.atomic)."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
@@ -502,5 +610,4 @@ def confusion_png(confusion, class_names, path: Path) -> None:
     draw.text(
         (margin, size - 10), "columns: predicted, rows: ground truth", fill="black", font=font
     )
-    with atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
+    img.save(path, format="PNG")

@@ -46,3 +46,25 @@ def test_folder_is_replaced_whole_or_not_at_all(tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # the umask's mode
+
+
+def test_files_written_together_replace_all_or_none(tmp_path):
+    """atomic_files (seg eval's outputs): a failure at the last file leaves every old file."""
+    from pipeline.atomic import atomic_files
+
+    for name in ("metrics.json", "confusion.png"):
+        (tmp_path / name).write_text(f"old {name}")
+    with pytest.raises(OSError), atomic_files() as new:
+        new(tmp_path / "metrics.json").write_text("new")
+        new(tmp_path / "confusion.png", ".png")
+        raise OSError("the second file could not be written")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        "metrics.json": "old metrics.json",
+        "confusion.png": "old confusion.png",
+    }
+    with atomic_files() as new:
+        new(tmp_path / "metrics.json").write_text("new")
+        new(tmp_path / "confusion.png", ".png").write_text("new png")
+    assert (tmp_path / "metrics.json").read_text() == "new"
+    assert (tmp_path / "confusion.png").read_text() == "new png"
+    assert _leftovers(tmp_path) == []

@@ -638,7 +638,10 @@ def test_deployment_on_a_process_work_pool_runs_on_a_worker(server, proj, tmp_pa
             with get_client(sync_client=True) as client:
                 d = client.read_deployment_by_name("seg-pipeline/gpu-nightly")
                 assert d.work_pool_name == pool
-                assert d.job_variables == {"working_dir": str(proj)}
+                assert d.job_variables == {
+                    "working_dir": str(proj),
+                    "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"},  # zombie-run detection
+                }
                 assert d.entrypoint == "stages.flows.pipeline_flow"
                 assert d.global_concurrency_limit.limit == 1
                 assert d.concurrency_options.collision_strategy == "CANCEL_NEW"

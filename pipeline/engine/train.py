@@ -12,8 +12,9 @@ bf16 and channels-last, with a fused optimizer; and the loop never waits for the
 log points (the loss is summed on the device and read every `log_every` steps).
 
 Resumable: `last.pt` holds model, optimizer, scaler, step, RNG states, the params and the
-best-k list; written atomically every `checkpoint_interval` steps. With a fixed seed on CPU,
-a run killed and resumed ends with the same weights as one never interrupted.
+best-k list; written atomically every `checkpoint_interval` steps, the one before kept as
+`last-prev.pt` (what `--auto-resume` falls back to when last.pt is damaged). With a fixed
+seed on CPU, a run killed and resumed ends with the same weights as one never interrupted.
 """
 
 from __future__ import annotations
@@ -77,12 +78,13 @@ def train(
     out_dir: Path | str,
     spec: DatasetSpec,
     class_counts: np.ndarray | None = None,
-    resume: bool = False,
+    resume: bool | Path | str = False,
     callbacks: Callbacks | None = None,
     stop_after: int | None = None,
 ) -> dict:
     """Train; returns {"step", "best_miou", "best_checkpoint", "last_checkpoint", "best_k",
-    "history"}. `resume` continues `out_dir/last.pt` (which must exist and fit the params).
+    "history"}. `resume` continues `out_dir/last.pt` (True) or the checkpoint at that path
+    (the stage layer's fallback: last-prev.pt); it must exist and fit the params.
 
     `stop_after` ends the run after that step as if it had been killed right after a
     checkpoint (used to test resuming).
@@ -94,7 +96,8 @@ def train(
     sync_bn = is_distributed() and device.type == "cuda" and world > 1  # BN stats across GPUs
     local_batch = _local_batch(tp, world, sync_bn)
     cfg = model_config(tp, spec.num_classes)
-    ckpt = _load_last(out_dir / LAST, cfg) if resume else None
+    resume_from = (out_dir / LAST if resume is True else Path(resume)) if resume else None
+    ckpt = _load_last(resume_from, cfg) if resume_from else None
     start = int(ckpt["step"]) if ckpt else 0
 
     # every rank its own dropout; the same seed, the same run
@@ -109,9 +112,9 @@ def train(
     best: list[dict] = []  # [{"miou", "step", "path"}], best first
     history: list[dict] = []  # one row per report: step, loss, lr (+ val_miou)
     if ckpt is not None:
-        _restore_optimizer(optimizer, scaler, ckpt, out_dir / LAST)
+        _restore_optimizer(optimizer, scaler, ckpt, resume_from)
         best, history = list(ckpt.get("best", [])), list(ckpt.get("history", []))
-        log.info("resumed from %s at step %d", out_dir / LAST, start)
+        log.info("resumed from %s at step %d", resume_from, start)
     if rank == 0:
         _tidy_snapshots(out_dir, best)
     compiled = compile_enabled(tp.compile, device, sync_bn)
@@ -146,6 +149,7 @@ def train(
                     "history": history,
                 },
                 out_dir / LAST,
+                keep_previous=True,  # last-prev.pt: what --auto-resume falls back to
             )
 
     # ---- the loop
@@ -205,10 +209,12 @@ def train(
                     best, metrics["miou"], done, model, cfg, spec.name, out_dir, tp, point
                 )
             t_report += time.perf_counter() - t_val  # images/s counts training only
-        if done % tp.checkpoint_interval == 0 or done == tp.iterations:
+        saved = done % tp.checkpoint_interval == 0 or done == tp.iterations
+        if saved:
             save_last(done)
         if stop_after is not None and done >= stop_after:
-            save_last(done)
+            if not saved:  # once: a second save would make last-prev.pt a copy of last.pt
+                save_last(done)
             break
     return {
         "step": done,

@@ -95,7 +95,7 @@ def train(
     try:
         if rank == 0:
             with progress_bar("train", "loss", "lr", "img_s") as update:
-                summary = steps.train(p, resume=mode, sink=_RichProgress(update))
+                summary = steps.train(p, resume=mode, sink=_RichProgress(update), say=say)
         else:
             summary = steps.train(p, resume=mode)
     finally:
@@ -177,6 +177,12 @@ def evaluate(
         distributed.cleanup()
     if rank == 0:
         _print_metrics(console, metrics)
+
+
+def say(line: str) -> None:
+    """A line on stdout, flushed: how a training run starts (resumed from where, or a new run
+    and why), which `dvc repro` and the flows' logs show as it happens."""
+    typer.echo(line)
 
 
 def _exit_with(code: int) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from stages.commands.engine import ParamsOpt, SetOpt, _print_metrics, _RichProgress
+from stages.commands.engine import ParamsOpt, SetOpt, _print_metrics, _RichProgress, say
 from stages.errors import cli_errors
 
 kfold_app = typer.Typer(
@@ -97,7 +97,7 @@ def train(
     p = steps.load(params, set_)
     mode = steps.Resume.from_flags(resume, auto_resume)
     with progress_bar(f"fold {fold}", "loss", "lr", "img_s") as update:
-        summary = steps.train(p, resume=mode, sink=_RichProgress(update), fold=fold)
+        summary = steps.train(p, resume=mode, sink=_RichProgress(update), fold=fold, say=say)
     console.print(
         f"fold {fold}: done at step {summary['step']}; checkpoints in {steps.fold_dir(p, fold)}/train"
     )

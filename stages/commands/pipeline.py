@@ -8,6 +8,7 @@ Prefect and DVC are imported inside the commands, so `seg --help` stays fast.
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
@@ -110,6 +111,10 @@ def serve(
 
     deployment = flows.deployment(name, cron, timezone, set_, collision)
     flows.project_root()  # runs execute here: fail now, not at 3 a.m.
+    # the runs it starts send heartbeats; a run whose heartbeats stop is marked Crashed
+    os.environ.update(flows.heartbeat_env())
+    if api is not None:
+        flows.crash_silent_runs(deployment.apply(), f"{flows.pipeline_flow.name}/{name}")
     if api is None:
         console.print(
             "PREFECT_API_URL is not set: serving against a temporary local API that ends with "

@@ -1,0 +1,504 @@
+"""Prefect faults, against a real `prefect server`, real process workers and real `dvc`: a
+worker killed mid-training, its machine lost mid-training, the server restarted mid-training,
+and (SEG_FAULTS_LONG=1, which benchmarks/faults.sh sets) 20 queued runs in a row.
+
+Every faulted run trains the same 40 steps (a separable head, amp off) in a copy of one
+committed project; the run never interrupted is `dvc repro` on another copy, and every
+faulted sequence must end at its mIoU. The processes these tests start get PYTHONPATH=the
+project, whose pipeline/ and stages/ are this checkout's (a clone's own code, as installed).
+Set SEG_FAULTS_REPORT=FILE to collect one line per case with what was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from test_dvc import _copy, _env, _new_project, git
+
+from stages import flows
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+ITERATIONS = 40
+TRAIN = {
+    "iterations": ITERATIONS, "checkpoint_interval": 5, "val_interval": 1000, "log_every": 5,
+    "amp": "off",
+}  # fmt: skip
+CONSOLE_LINE = "resumed from outputs/train/last.pt at step"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def report(case: str, detail: str) -> None:
+    """One line for benchmarks/faults.sh: the case and what it measured."""
+    path = os.environ.get("SEG_FAULTS_REPORT")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" (")[0]
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, "case": case, "detail": detail}) + "\n")
+    print(f"{case}: {detail}")
+
+
+def _eventually(check, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(every)
+
+
+class PrefectServer:
+    """`prefect server start` on a fixed port and database, which a test may stop and start."""
+
+    def __init__(self, home: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.home, self.proc = home, None
+        self.url = f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> float:
+        """Start and wait until healthy; returns the seconds that took."""
+        t0 = time.monotonic()
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+        }  # fmt: skip
+        env.pop("PREFECT_API_URL", None)
+        with open(self.home / "server.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--no-ui", "--analytics-off"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"prefect server exited:\n{(self.home / 'server.log').read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - t0 > 120:
+                pytest.fail(
+                    f"no healthy server in 120 s:\n{(self.home / 'server.log').read_text()}"
+                )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _stop_group(self.proc, signal.SIGTERM)
+
+
+def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _proc_env(proj: Path, api: str, **extra: str) -> dict[str, str]:
+    home = proj.parent / f"{proj.name}-home"
+    home.mkdir(exist_ok=True)
+    (home / ".gitconfig").write_text("[user]\n\tname = t\n\temail = t@t\n")
+    env = {**_env(home), "PYTHONPATH": str(proj), **extra}
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _worker(proj: Path, api: str, pool: str, log: Path) -> subprocess.Popen:
+    env = _proc_env(
+        proj, api, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1"
+    )
+    cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+    return _start(cmd, proj.parent, env, log)
+
+
+def _deploy(proj: Path, api: str, pool: str, name: str, *args: str) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+        try:
+            c.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        except Exception:  # ObjectAlreadyExists: a second test on the same server
+            pass
+    done = subprocess.run(
+        [str(BIN / "seg"), "deploy", "--pool", pool, "--name", name, *args],
+        cwd=proj, env=_proc_env(proj, api), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _dvc(proj: Path, *args: str) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in the project, its stage commands on the project's own code."""
+    done = subprocess.run(
+        [str(BIN / "dvc"), *args], cwd=proj, env=_proc_env(proj, ""), capture_output=True,
+        text=True, timeout=600, start_new_session=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def _stage_processes(proj: Path) -> list[str]:
+    """Live processes working in the project (dvc, seg train, DataLoader workers)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cwd", "cmdline", "status"]):
+        cwd = p.info.get("cwd") or ""
+        if cwd.startswith(str(proj)) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(f"{p.info['pid']}: {' '.join(p.info['cmdline'] or [])[:120]}")
+    return found
+
+
+def _last_step(proj: Path, since: float) -> int:
+    """The step of a last.pt written after `since` (0 if none yet)."""
+    from pipeline.engine import checkpoint
+    from pipeline.errors import CheckpointError
+
+    last = proj / "outputs/train/last.pt"
+    try:
+        if last.stat().st_mtime <= since:
+            return 0
+        return int(checkpoint.load(last)["step"])
+    except (FileNotFoundError, CheckpointError):
+        return 0
+
+
+def _wait_for_checkpoint(proj: Path, since: float, step: int, run_id, client) -> int:
+    """Until this run has written last.pt at `step` or later (it is training)."""
+
+    def written():
+        state = client.read_flow_run(run_id).state
+        assert not state.is_final(), f"the run ended before the fault: {state}"
+        got = _last_step(proj, since)
+        assert got >= step, f"last.pt at step {got}"
+        return got
+
+    return _eventually(written, timeout=300, every=0.3)
+
+
+def _final(client, run_id, timeout: float):
+    def final():
+        r = client.read_flow_run(run_id)
+        assert r.state.is_final(), r.state
+        return r
+
+    return _eventually(final, timeout=timeout, every=0.5)
+
+
+def _logs(client, run_id) -> str:
+    """All of a run's logs in the API (200 a page)."""
+    messages: list[str] = []
+    while True:
+        page = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+            limit=200, offset=len(messages),
+        )  # fmt: skip
+        messages += [log.message for log in page]
+        if len(page) < 200:
+            return "\n".join(messages)
+
+
+def _miou(proj: Path) -> float:
+    return json.loads((proj / "outputs/eval/metrics.json").read_text())["miou"]
+
+
+def _consistent(proj: Path) -> None:
+    """`dvc status` clean, and no DVC lock held by a live process (a killed dvc leaves its
+    entries in .dvc/tmp/rwlock; DVC ignores those of processes that are gone)."""
+    assert json.loads(_dvc(proj, "status", "--json").stdout) == {}
+    rwlock = proj / ".dvc" / "tmp" / "rwlock"
+    held = json.loads(rwlock.read_text() or "{}") if rwlock.exists() else {}
+    holders = [h for hs in held.get("read", {}).values() for h in hs]
+    holders += list(held.get("write", {}).values())
+    live = [h for h in holders if psutil.pid_exists(h["pid"])]
+    assert not live, live
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[PrefectServer]:
+    s = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory) -> tuple[Path, float]:
+    """(a committed project whose train and evaluate are stale: 40 steps to train, the mIoU
+    those 40 steps reach when never interrupted: `dvc repro` on a copy)."""
+    root = tmp_path_factory.mktemp("faults")
+    proj = _new_project(root / "proj", **{"train.amp": "off", "evaluate.amp": "off"})
+    _dvc(proj, "repro")
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    raw["train"].update(TRAIN)
+    raw["train"]["model"]["separable_head"] = True  # 38 MB checkpoints instead of 94 MB
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    git(proj, "add", "-A")
+    git(proj, "commit", "-q", "-m", "repro, then 40 steps to train")
+    whole = _copy(proj, root / "whole")
+    _dvc(whole, "repro")
+    return proj, _miou(whole)
+
+
+@pytest.fixture
+def proj(faulted, tmp_path) -> Path:
+    return _copy(faulted[0], tmp_path / "proj")
+
+
+# ----------------------------------------------------------------------------- the cases
+
+
+def test_worker_killed_machine_lost_server_restarted_and_nothing_lost(
+    server, faulted, proj, tmp_path
+):
+    """1. The worker alone is SIGKILLed mid-training: its run notices (ParentWatch), stops
+    its stage and ends Crashed within seconds; no process is left. 2. The machine dies
+    (worker, run, dvc and seg train SIGKILLed at once): nothing is left to report, the
+    deployment's heartbeat automation marks the run Crashed after CRASH_AFTER_S without a
+    heartbeat. 3. The next run resumes from last.pt; while it trains the server is stopped
+    and started again: training goes on (a DVC stage needs no server) and the state arrives
+    after the restart (Completed). It ends at the uninterrupted mIoU with dvc status clean.
+    Logs and heartbeats sent while the server was down are lost (Prefect's clients drop
+    what they cannot send)."""
+    api, pool, name = server.url, "faults", "faulted"
+    _deploy(proj, api, pool, name)
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+        deployment = c.read_deployment_by_name(f"seg-pipeline/{name}")
+
+        # 1. a worker killed alone
+        worker = _worker(proj, api, pool, tmp_path / "worker-1.log")
+        try:
+            since = time.time()
+            run = c.create_flow_run_from_deployment(deployment.id)
+            step1 = _wait_for_checkpoint(proj, since, 5, run.id, c)
+            os.kill(worker.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            worker.wait()
+            r = _final(c, run.id, timeout=120)
+            took1 = time.monotonic() - killed
+            assert r.state.is_crashed(), r.state
+            assert r.state.message == "Execution was aborted by a termination signal.", r.state
+            assert f"the worker that started this run (PID {worker.pid}) is gone" in _logs(
+                c, run.id
+            )
+            _eventually(lambda: _no_processes(proj), timeout=30)
+        finally:
+            _stop_group(worker, signal.SIGKILL)
+        report(
+            "worker SIGKILLed mid-training",
+            f"run Crashed {took1:.1f} s after the kill (ParentWatch: SIGTERM to itself), "
+            f"last.pt at step {step1}, no process left",
+        )
+
+        # 2. the machine lost: the worker and everything under it at once
+        worker = _worker(proj, api, pool, tmp_path / "worker-2.log")
+        try:
+            since = time.time()
+            run = c.create_flow_run_from_deployment(deployment.id)
+            step2 = _wait_for_checkpoint(proj, since, step1 + 5, run.id, c)
+            tree = [worker.pid, *(p.pid for p in psutil.Process(worker.pid).children(True))]
+            for pid in tree:
+                os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            r = _final(c, run.id, timeout=flows.CRASH_AFTER_S + 90)
+            took2 = time.monotonic() - killed
+        finally:
+            _stop_group(worker, signal.SIGKILL)
+        assert r.state.is_crashed(), r.state
+        assert r.state.message.startswith(f"no heartbeat for {flows.CRASH_AFTER_S} s"), r.state
+        assert took2 <= flows.CRASH_AFTER_S + 30, took2
+        report(
+            "machine lost mid-training (worker and run SIGKILLed)",
+            f"run Crashed {took2:.0f} s after the kill (heartbeat every {flows.HEARTBEAT_S} s, "
+            f"automation: none for {flows.CRASH_AFTER_S} s), last.pt at step {step2}",
+        )
+
+        # 3. the next run resumes; the server is stopped and started again while it trains
+        worker = _worker(proj, api, pool, tmp_path / "worker-3.log")
+        try:
+            since = time.time()
+            run = c.create_flow_run_from_deployment(deployment.id)
+            at_stop = _wait_for_checkpoint(proj, since, step2 + 5, run.id, c)
+            logged_at_stop = _logged_step(proj)
+            t0 = time.monotonic()
+            server.stop()
+            time.sleep(5)
+            server.start()
+            down = time.monotonic() - t0
+            logged_at_start = _logged_step(proj)
+            r = _final(c, run.id, timeout=600)
+        finally:
+            _stop_group(worker)
+        assert r.state.is_completed(), (r.state, (tmp_path / "worker-3.log").read_text()[-3000:])
+        text = _logs(c, run.id)
+        notes = _stage_notes(c, run.id)
+    assert f"{CONSOLE_LINE} {step2} of {ITERATIONS}" in text, text
+    assert f"{CONSOLE_LINE} {step2} of {ITERATIONS}" in notes["train"], notes
+    assert "evaluate: ran" in text, text  # logs sent after the restart arrived
+    assert _miou(proj) == faulted[1]
+    _consistent(proj)
+    report(
+        "server stopped and restarted mid-training",
+        f"down {down:.0f} s while the run trained (logged step {logged_at_stop} when it "
+        f"stopped, {logged_at_start} when it was back: training went on); the run Completed "
+        "after the restart, its artifacts whole",
+    )
+    report(
+        "next run after the faults",
+        f"resumed from last.pt at step {step2} of {ITERATIONS}, mIoU {100 * _miou(proj):.2f} "
+        f"= the uninterrupted run's, dvc status clean, no DVC lock held (checkpoint at step "
+        f"{at_stop} before the restart)",
+    )
+
+
+def _logged_step(proj: Path) -> int:
+    """The last training step DVCLive logged (every train.log_every steps)."""
+    tsv = proj / "outputs/train/dvclive/plots/metrics/train/loss.tsv"
+    rows = tsv.read_text().splitlines()[1:] if tsv.exists() else []
+    return int(rows[-1].split("\t")[0]) if rows else 0
+
+
+def _no_processes(proj: Path) -> None:
+    left = _stage_processes(proj)
+    assert not left, left
+
+
+def _stage_notes(client, run_id) -> dict[str, str]:
+    """The `dvc-stages` artifact's notes column: stage -> notes."""
+    from test_flows import _artifacts
+
+    art = _artifacts(client, run_id)["dvc-stages"]
+    rows = [line.split("|")[1:-1] for line in art.data.splitlines() if line.startswith("| ")]
+    return {r[0].strip(): r[4].strip() for r in rows if r[0].strip() not in ("stage", "---")}
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SEG_FAULTS_LONG"),
+    reason="20 runs take minutes: benchmarks/faults.sh runs it (SEG_FAULTS_LONG=1)",
+)
+def test_twenty_queued_runs_in_a_row(server, faulted, tmp_path):
+    """`prefect deployment run` 20 times on `seg serve --collision queue` with nothing
+    changed: every run Completed, each under 30 s, no process, temporary folder or DVC lock
+    left, dvc status clean, and the serving process's memory after run 20 within 20 % of
+    after run 1."""
+    proj = _copy(faulted[0], tmp_path / "proj")
+    _dvc(proj, "repro")  # up to date first: the 20 runs change nothing
+    tmp = tmp_path / "serve-tmp"
+    tmp.mkdir()
+    # the runner proposes every queued run at each poll (20 queued runs, polled every second,
+    # kept the server too busy to answer `prefect deployment run` within 120 s): every 5 s
+    env = _proc_env(proj, server.url, TMPDIR=str(tmp), PREFECT_RUNNER_POLL_FREQUENCY="5")
+    serve = _start(
+        [str(BIN / "seg"), "serve", "--name", "queued", "--cron", "0 3 * * *", "--collision",
+         "queue"], proj, env, tmp_path / "serve.log",
+    )  # fmt: skip
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
+            with get_client(sync_client=True) as c:
+
+                def registered():
+                    try:
+                        return c.read_deployment_by_name("seg-pipeline/queued")
+                    except Exception as exc:
+                        raise AssertionError(str(exc)) from None
+
+                _eventually(registered, timeout=120)
+                asked, ids = [], []  # (the cron schedule adds runs of its own: not these)
+
+                def run_now() -> None:
+                    t0 = time.monotonic()
+                    done = subprocess.run(
+                        [str(BIN / "prefect"), "deployment", "run", "seg-pipeline/queued"],
+                        cwd=proj, env=env, capture_output=True, text=True, timeout=300,
+                    )  # fmt: skip
+                    assert done.returncode == 0, done.stdout + done.stderr
+                    asked.append(time.monotonic() - t0)
+                    ids.append(re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1))
+
+                serving = psutil.Process(serve.pid)
+                run_now()
+                first = _eventually(lambda: _one_more_final(c, ids, 1), timeout=300)
+                rss1, tmp1 = serving.memory_info().rss, _tree(tmp)
+                for _ in range(19):  # they queue behind each other (AwaitingConcurrencySlot)
+                    run_now()
+                finals = _eventually(lambda: _one_more_final(c, ids, 20), timeout=1800, every=1)
+                rss20, tmp20 = serving.memory_info().rss, _tree(tmp)
+
+                def no_children():  # the last run's process is reaped a moment after its end
+                    children = [p for p in serving.children(recursive=True) if p.is_running()]
+                    assert not children, children
+
+                _eventually(no_children, timeout=30)
+    finally:
+        _stop_group(serve)
+    assert all(r.state.is_completed() for r in finals), [r.state for r in finals]
+    took = [(r.end_time - r.start_time).total_seconds() for r in finals]
+    assert max(took) < 30, took
+    # the runner's own folder (runner_storage/<id>) is there from its start; runs add nothing
+    assert tmp20 == tmp1, (tmp1, tmp20)
+    _consistent(proj)
+    growth = rss20 / rss1 - 1
+    assert abs(growth) <= 0.20, (rss1, rss20)
+    report(
+        "20 queued runs in a row, nothing changed",
+        f"all Completed, {min(took):.1f}-{max(took):.1f} s each; serving process "
+        f"{rss1 / 2**20:.0f} MiB after run 1 ({first.name}), {rss20 / 2**20:.0f} MiB after run 20 "
+        f"({100 * growth:+.1f} %); no process, temporary folder or DVC lock left; "
+        f"`prefect deployment run` took {min(asked):.0f}-{max(asked):.0f} s",
+    )
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _one_more_final(client, ids, n: int):
+    """Once at least `n` of the runs are final: the first one (n = 1) or all of them."""
+    runs = [client.read_flow_run(i) for i in ids]
+    final = [r for r in runs if r.state.is_final()]
+    assert len(final) >= n, f"{len(final)} of {len(ids)} final"
+    return final[0] if n == 1 else runs
