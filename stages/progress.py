@@ -37,8 +37,11 @@ def progress_bar(description: str, *fields: str) -> Iterator:
     ]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=None, **{f: "-" for f in fields})
+        updated = False
 
         def update(done: int, total: int | None = None, **values) -> None:
+            nonlocal updated
+            updated = True
             bar.update(
                 task,
                 completed=done,
@@ -46,4 +49,9 @@ def progress_bar(description: str, *fields: str) -> Iterator:
                 **{k: v for k, v in values.items() if k in fields},
             )
 
-        yield update
+        try:
+            yield update
+        except BaseException:
+            if not updated:  # failed before any progress: the error is the only line left
+                bar.live.transient = True
+            raise

@@ -118,7 +118,8 @@ def evaluate(
         Path | None, typer.Option(help="Checkpoint to score (default outputs/train/best.pt).")
     ] = None,
     shards: Annotated[
-        Path | None, typer.Option(help="Shard folder (default: the val shards).")
+        str | None,
+        typer.Option(help="Shard folder or s3://bucket/prefix URL (default: the val shards)."),
     ] = None,
     out: Annotated[
         Path | None,
