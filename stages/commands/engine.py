@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.errors import SegError
 from stages.errors import cli_errors
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
@@ -91,13 +92,20 @@ def train(
             )
         )
         return
-    rank = distributed.init_from_env(p.train.device).rank  # no-op outside torchrun
+    rank = distributed.init_from_env(
+        p.train.device, launch.GROUP_TIMEOUT_S
+    ).rank  # no-op outside torchrun
     try:
         if rank == 0:
             with progress_bar("train", "loss", "lr", "img_s") as update:
                 summary = steps.train(p, resume=mode, sink=_RichProgress(update))
         else:
             summary = steps.train(p, resume=mode)
+    except Exception as exc:
+        lost = launch.lost_peer(exc)  # a node or worker died: one line, not a traceback
+        if lost is None:
+            raise
+        raise SegError(lost) from None
     finally:
         distributed.cleanup()
     if rank != 0:
@@ -167,13 +175,20 @@ def evaluate(
         args = launch.worker_args("eval", params, set_, *extra)
         _exit_with(launch.launch(launch.Topology(gpus), args, p.evaluate.device, "evaluate.device"))
         return
-    rank = distributed.init_from_env(p.evaluate.device).rank  # no-op outside torchrun
+    rank = distributed.init_from_env(
+        p.evaluate.device, launch.GROUP_TIMEOUT_S
+    ).rank  # no-op outside torchrun
     try:
         if rank == 0:
             with progress_bar("eval") as update:
                 metrics = steps.evaluate(p, checkpoint, shards, out, progress=update)
         else:
             metrics = steps.evaluate(p, checkpoint, shards, out)
+    except Exception as exc:
+        lost = launch.lost_peer(exc)
+        if lost is None:
+            raise
+        raise SegError(lost) from None
     finally:
         distributed.cleanup()
     if rank == 0:
