@@ -128,6 +128,31 @@ def launch(t: Topology, args: Sequence[str], device: str, device_key: str) -> in
     return run(torchrun_command(t, args))
 
 
+def check_same_params(p) -> None:
+    """Every process of the group trains with the same train params, else a one-line error
+    naming what differs (nodes with different params.yaml files would each step with their
+    own lr or batch and silently train a model nobody asked for)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = {"data.dataset": p.data.dataset, **{
+        f"train.{k}": v for k, v in dataclasses.asdict(p.train).items()}}  # fmt: skip
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        differ = sorted(k for k in mine if theirs.get(k) != everyone[0].get(k))
+        if differ:
+            what = ", ".join(f"{k}={everyone[0][k]!r} on rank 0, {theirs[k]!r} on rank {rank}"
+                             for k in differ[:3])  # fmt: skip
+            raise ConfigError(
+                f"the processes have different params ({what}): every node needs the same "
+                "params.yaml and -S overrides"
+            )
+
+
 # ----------------------------------------------------------------------------- failures
 
 

@@ -96,6 +96,7 @@ def train(
         p.train.device, launch.GROUP_TIMEOUT_S
     ).rank  # no-op outside torchrun
     try:
+        launch.check_same_params(p)  # nodes with other params.yaml files: one line, no training
         if rank == 0:
             with progress_bar("train", "loss", "lr", "img_s") as update:
                 summary = steps.train(p, resume=mode, sink=_RichProgress(update))

@@ -1,0 +1,341 @@
+# ruff: noqa: F811  (fixtures imported from other test modules, then taken as arguments)
+"""Beyond one machine, on one machine: real servers on 127.0.0.1 only.
+
+An S3 API server (moto, auth on: tests/s3server.py) holds the shards and the DVC remote; a
+real `prefect server` (tests/test_flows.py's fixture) and a bare git repository (`file://`,
+as origin) are all two "hosts" share. Each host is a clone with its own working copy, HOME,
+DVC config and Prefect process worker on one work pool; its processes run its own copy of
+the code (PYTHONPATH = the clone), configured as a user configures S3: AWS_ENDPOINT_URL and
+the AWS credential variables.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from s3server import S3Server, free_port, s3  # noqa: F401
+from test_dvc import _env, _new_project
+from test_flows import _eventually, _stage_table, _start, _stop, server  # noqa: F401
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+POOL = "team"
+DEPLOYMENT = "seg-pipeline/shared"
+# tiny params, amp off (AVX2-only CPUs run bf16 30x slower), shards in the bucket
+PARAMS = {"train.amp": "off", "evaluate.amp": "off"}
+
+
+@dataclass
+class Host:
+    """A clone with its own working copy, HOME and environment."""
+
+    path: Path
+    env: dict[str, str]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 300, **extra: str):
+        proc = subprocess.run(
+            list(args), cwd=self.path, env={**self.env, **extra}, capture_output=True,
+            text=True, timeout=timeout,
+        )  # fmt: skip
+        if check and proc.returncode != 0:
+            pytest.fail(f"{self.path.name}: {' '.join(args)} exited {proc.returncode}\n"
+                        f"{proc.stdout}\n{proc.stderr}")  # fmt: skip
+        return proc
+
+    def dvc(self, *args: str, **kw):
+        return self.run(str(BIN / "dvc"), *args, **kw)
+
+    def git(self, *args: str, **kw):
+        return self.run("git", *args, **kw)
+
+    def seg(self, *args: str, **kw):
+        return self.run(str(BIN / "seg"), *args, **kw)
+
+    def worker(self, log: Path) -> subprocess.Popen:
+        """`prefect worker start --pool POOL` on this host, polling every second; the
+        deployment's pull step sends its runs to $SEG_PROJECT, this clone."""
+        env = {**self.env, "SEG_PROJECT": str(self.path), "PREFECT_WORKER_QUERY_SECONDS": "1",
+               "PREFECT_WORKER_PREFETCH_SECONDS": "1"}  # fmt: skip
+        elsewhere = self.path.parent / f"{self.path.name}-worker"
+        elsewhere.mkdir(exist_ok=True)
+        cmd = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"]
+        return _start(cmd, elsewhere, env, log)
+
+
+def host(path: Path, s3: S3Server, api: str) -> Host:
+    """The environment of a host whose clone is (or will be) at `path`."""
+    home = path.parent / f"{path.name}-home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / ".gitconfig").write_text(
+        "[user]\n\tname = t\n\temail = t@t\n[init]\n\tdefaultBranch = main\n"
+    )
+    empty = home / "aws-empty"  # no profile or config file of the user's is read
+    empty.write_text("")
+    env = {**_env(home), **s3.env(), "PREFECT_API_URL": api, "PYTHONPATH": str(path)}
+    env.update(AWS_CONFIG_FILE=str(empty), AWS_SHARED_CREDENTIALS_FILE=str(empty))
+    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        env.pop(key, None)
+    return Host(path, env)
+
+
+def shards_in_bucket(dvc_yaml: Path) -> None:
+    """The README's one edit for data.shards in a bucket: DVC 3 caches no outputs outside
+    the project, so the shard folders are declared `cache: false` (DVC records their hash)."""
+    text = dvc_yaml.read_text()
+    old = "      outs:\n        - ${data.shards}/${item}\n"
+    assert old in text
+    dvc_yaml.write_text(
+        text.replace(
+            old, "      outs:\n        - ${data.shards}/${item}:\n            cache: false\n"
+        )
+    )
+
+
+def wait_final(client, run_id, timeout: float = 400):
+    def final():
+        r = client.read_flow_run(run_id)
+        assert r.state.is_final(), r.state
+        return r
+
+    return _eventually(final, timeout=timeout, every=1)
+
+
+def run_logs(client, run_id, until: str = "pushed experiment") -> str:
+    """All log lines of a flow run (pages of 200, the server's limit), once `until` is among
+    them (logs reach the API in batches, after the state)."""
+
+    def read() -> str:
+        lines: list[str] = []
+        while True:
+            page = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                limit=200, offset=len(lines),
+            )  # fmt: skip
+            lines += [log.message for log in page]
+            if len(page) < 200:
+                text = "\n".join(lines)
+                assert until in text, text
+                return text
+
+    return _eventually(read, timeout=30)
+
+
+def running_intervals(client, run_id) -> list[tuple]:
+    """(start, end) of each Running state in a run's state history."""
+    states = sorted(client.read_flow_run_states(run_id), key=lambda s: s.timestamp)
+    spans = []
+    for state, after in zip(states, [*states[1:], None], strict=True):
+        if state.is_running():
+            spans.append((state.timestamp, after.timestamp if after else None))
+    return spans
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and everything under it, as a machine that goes down (torchrun
+    starts its workers in sessions of their own, so a process group is not enough)."""
+    try:
+        root = psutil.Process(proc.pid)
+        victims = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def no_secret(s3: S3Server, folders: list[Path], texts: list[str]) -> int:
+    """Neither the secret key nor the key id in any file under `folders` or in `texts`."""
+    n = 0
+    for text in texts:
+        assert s3.secret not in text and s3.key_id not in text
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                assert s3.secret.encode() not in data, path
+                assert s3.key_id.encode() not in data, path
+                n += 1
+    return n
+
+
+def train_nodes(hosts: list[Host], port: int, *args: str) -> list[subprocess.Popen]:
+    """`seg train --gpus 1 --nnodes N --node-rank i` on each host, as separate processes."""
+    procs = []
+    for rank, h in enumerate(hosts):
+        cmd = [str(BIN / "seg"), "train", "--gpus", "1", "--nnodes", str(len(hosts)),
+               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port",
+               str(port), *args]  # fmt: skip
+        log = h.path.parent / f"{h.path.name}-node{rank}.log"
+        procs.append(_start(cmd, h.path, {**h.env, "OMP_NUM_THREADS": "1"}, log))
+    return procs
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- the whole path
+
+
+def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_path_factory):
+    t0 = time.monotonic()
+    bucket = s3.make_bucket("team")
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+
+    # host A: the project, shards in the bucket, a DVC remote on the same server, origin
+    a = host(tmp_path / "A", s3, server)
+    _new_project(a.path, **PARAMS, **{"data.shards": f"s3://{bucket}/shards"})
+    shards_in_bucket(a.path / "dvc.yaml")
+    a.dvc("remote", "add", "-d", "storage", f"s3://{bucket}/dvc")
+    a.dvc("remote", "modify", "storage", "endpointurl", s3.endpoint)
+    a.git("add", "-A")
+    a.git("commit", "-q", "-m", "shards and DVC remote in S3")
+    a.git("remote", "add", "origin", f"file://{origin}")
+    a.git("push", "-q", "-u", "origin", "main")
+
+    # one work pool, one deployment (at most one run at a time), each worker in its clone
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        from prefect.client.schemas.actions import WorkPoolCreate
+
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+        deployed = a.seg("deploy", "--pool", POOL, "--name", "shared", "--workdir",
+                         "$SEG_PROJECT", "--collision", "queue")  # fmt: skip
+        assert "SEG_PROJECT=/path/to/clone prefect worker start" in deployed.stderr, deployed
+        outputs = [deployed.stdout + deployed.stderr]
+        worker_a = a.worker(tmp_path / "worker-A.log")
+        try:
+            with get_client(sync_client=True) as client:
+                d = client.read_deployment_by_name(DEPLOYMENT)
+                assert d.job_variables == {} and d.global_concurrency_limit.limit == 1
+                assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+                    "directory": "{{ $SEG_PROJECT }}"}}]  # fmt: skip
+                run_a = wait_final(client, client.create_flow_run_from_deployment(d.id).id)
+                log_a = run_logs(client, run_a.id)
+                assert run_a.state.is_completed(), f"{run_a.state}\n{log_a}"
+                table_a = _eventually(lambda: _stage_table(client, run_a.id))
+        finally:
+            _stop(worker_a)
+        assert f"project {a.path}" in log_a
+        assert "starting from outputs/train/last.pt: none yet" in log_a, log_a
+        assert all(table_a[s] == "ran" for s in ("synth", "preprocess@train", "train", "evaluate"))
+        assert "pushed experiment" in log_a
+        for split in ("train", "val"):  # preprocessed into the bucket, manifest and all
+            assert f"shards/{split}/manifest.parquet" in s3.keys(bucket, f"shards/{split}/")
+        assert not (a.path / "data" / "shards").exists()
+
+        # host A pushes its results: git (dvc.lock) and the DVC remote (outputs)
+        a.git("add", "-A")
+        a.git("commit", "-q", "-m", "results of host A")
+        a.git("push", "-q")
+        outputs.append(a.dvc("push").stdout)
+
+        # host B: a second clone pulls, finds nothing stale, and reruns nothing
+        b = host(tmp_path / "B", s3, server)
+        subprocess.run(["git", "clone", "-q", f"file://{origin}", str(b.path)], check=True,
+                       env=b.env)  # fmt: skip
+        outputs.append(b.dvc("pull").stdout)
+        assert json.loads(b.dvc("status", "--json").stdout) == {}
+        repro = b.dvc("repro")
+        assert "Running stage" not in repro.stdout and "up to date" in repro.stdout, repro.stdout
+        outputs.append(repro.stdout)
+
+        # a changed param, run on host B's worker
+        worker_b = b.worker(tmp_path / "worker-B.log")
+        try:
+            with get_client(sync_client=True) as client:
+                made = client.create_flow_run_from_deployment(
+                    d.id, parameters={"overrides": ["train.lr=0.02"]}
+                )
+                run_b = wait_final(client, made.id)
+                log_b = run_logs(client, run_b.id)
+                assert run_b.state.is_completed(), f"{run_b.state}\n{log_b}"
+                table_b = _eventually(lambda: _stage_table(client, run_b.id))
+                prefect_texts = [log_a, log_b] + [
+                    json.dumps(art)
+                    for r in (run_a, run_b)
+                    for art in client.request(
+                        "POST", "/artifacts/filter",
+                        json={"artifacts": {"flow_run_id": {"any_": [str(r.id)]}}, "limit": 50,
+                              "offset": 0, "sort": "KEY_ASC"},
+                    ).json()
+                ]  # fmt: skip
+        finally:
+            _stop(worker_b)
+        assert f"project {b.path}" in log_b and "pushed experiment" in log_b
+        assert "starting from outputs/train/last.pt at step 4 of 4" in log_b, log_b
+        assert table_b["train"] == "ran" and table_b["evaluate"] == "ran"
+        assert table_b["synth"] == table_b["preprocess@train"] == "up to date"
+
+    # a third clone sees the runs of both hosts
+    c = host(tmp_path / "C", s3, server)
+    subprocess.run(["git", "clone", "-q", f"file://{origin}", str(c.path)], check=True, env=c.env)
+    c.dvc("exp", "pull", "--all-commits", "origin")
+    rows = json.loads(c.dvc("exp", "show", "--all-commits", "--json").stdout)
+    lrs = sorted(
+        e["data"]["params"]["params.yaml"]["data"]["train"]["lr"]
+        for row in rows if row["rev"] != "workspace"
+        for group in row.get("experiments") or [] for e in group["revs"]
+        if e["data"]["metrics"].get("outputs/eval/metrics.json")
+    )  # fmt: skip
+    assert lrs == [0.02, 0.05], rows
+
+    # two nodes (node 0 on host A, node 1 on host B, shards from the bucket) against one node
+    # with two processes and the same global batch: the same weights. Host B's params.yaml
+    # still has its experiment's lr: the nodes refuse to train apart, in one line each
+    train = ["-S", "train.device=cpu", "-S", "train.batch_size=4"]
+    nodes = train_nodes([a, b], free_port(), *train)
+    try:
+        assert [proc.wait(timeout=300) for proc in nodes] == [1, 1]
+    finally:
+        for proc in nodes:
+            kill_tree(proc)
+    for rank, h in enumerate((a, b)):
+        text = (h.path.parent / f"{h.path.name}-node{rank}.log").read_text()
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert errors == [
+            "error: the processes have different params (train.lr=0.05 on rank 0, 0.02 on "
+            "rank 1): every node needs the same params.yaml and -S overrides"
+        ], text
+        assert "Traceback" not in text, text
+    b.git("checkout", "--", "params.yaml")
+    b_outputs = {f: f.stat().st_mtime_ns for f in (b.path / "outputs").rglob("*")}
+    nodes = train_nodes([a, b], free_port(), *train)
+    try:
+        for proc in nodes:
+            assert proc.wait(timeout=300) == 0, (a.path.parent / "A-node0.log").read_text()
+    finally:
+        for proc in nodes:
+            kill_tree(proc)
+    c.seg("train", "--gpus", "2", *train, OMP_NUM_THREADS="1")
+    two, one = weights(a.path / "outputs/train/last.pt"), weights(c.path / "outputs/train/last.pt")
+    assert two["step"] == one["step"] == 4
+    assert all(torch.equal(two["model"][k], one["model"][k]) for k in one["model"])
+    assert {f: f.stat().st_mtime_ns for f in (b.path / "outputs").rglob("*")} == b_outputs
+
+    # the credentials reached no file (clones, caches, dvc.lock, metrics, logs, the Prefect
+    # server's database) and no log or artifact
+    prefect_home = [p for p in tmp_path_factory.getbasetemp().glob("prefect-server*")]
+    texts = outputs + prefect_texts + [
+        p.read_text(errors="replace") for p in tmp_path.glob("*.log")
+    ]  # fmt: skip
+    assert no_secret(s3, [tmp_path, *prefect_home], texts) > 100
+    took = time.monotonic() - t0
+    print(f"two hosts, one bucket, one pool, two nodes: {took:.0f} s")
+    assert took < 600
