@@ -21,8 +21,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from s3server import S3Server, free_port, s3  # noqa: F401
 from test_dvc import _env, _new_project
@@ -283,23 +285,72 @@ def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_p
         assert table_b["train"] == "ran" and table_b["evaluate"] == "ran"
         assert table_b["synth"] == table_b["preprocess@train"] == "up to date"
 
+        # both workers up, a run triggered from each side at once: they land on either
+        # worker, and the deployment's limit of 1 holds across both (the state histories'
+        # Running intervals do not intersect)
+        workers = [a.worker(tmp_path / "worker-A2.log"), b.worker(tmp_path / "worker-B2.log")]
+        try:
+            triggers = [
+                subprocess.Popen(
+                    [str(BIN / "prefect"), "deployment", "run", DEPLOYMENT, "--param",
+                     f'overrides=["train.iterations={n}"]', "--flow-run-name", f"from-{h.path.name}"],
+                    cwd=h.path, env=h.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                for h, n in ((a, 5), (b, 6))
+            ]  # fmt: skip
+            for t in triggers:
+                assert t.wait(timeout=120) == 0, t.stdout.read()
+            with get_client(sync_client=True) as client:
+                both = [
+                    r
+                    for r in client.read_flow_runs(limit=20, sort=FlowRunSort.START_TIME_DESC)
+                    if r.name in ("from-A", "from-B")
+                ]
+                assert len(both) == 2
+                done = [wait_final(client, r.id) for r in both]
+                assert all(r.state.is_completed() for r in done), [r.state for r in done]
+                spans = sorted(span for r in done for span in running_intervals(client, r.id))
+                assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans
+                waited = [
+                    s.name for r in done for s in client.read_flow_run_states(r.id)
+                    if s.name == "AwaitingConcurrencySlot"
+                ]  # fmt: skip
+                assert waited, "the second run never waited for the slot"
+                ran_on = sorted(
+                    "A" if f"project {a.path}" in text else "B"
+                    for text in (run_logs(client, r.id, "Finished in state") for r in done)
+                )
+                prefect_texts += [run_logs(client, r.id, "Finished in state") for r in done]
+        finally:
+            for w in workers:
+                _stop(w)
+        print(f"the two runs triggered at once ran on hosts {ran_on}")
+
     # a third clone sees the runs of both hosts
     c = host(tmp_path / "C", s3, server)
     subprocess.run(["git", "clone", "-q", f"file://{origin}", str(c.path)], check=True, env=c.env)
     c.dvc("exp", "pull", "--all-commits", "origin")
     rows = json.loads(c.dvc("exp", "show", "--all-commits", "--json").stdout)
-    lrs = sorted(
-        e["data"]["params"]["params.yaml"]["data"]["train"]["lr"]
+    exps = sorted(
+        (train["iterations"], train["lr"])
         for row in rows if row["rev"] != "workspace"
         for group in row.get("experiments") or [] for e in group["revs"]
         if e["data"]["metrics"].get("outputs/eval/metrics.json")
+        for train in [e["data"]["params"]["params.yaml"]["data"]["train"]]
     )  # fmt: skip
-    assert lrs == [0.02, 0.05], rows
+    # host A's first run, host B's changed lr, the two runs triggered at once
+    assert [it for it, _ in exps] == [4, 4, 5, 6] and exps[:2] == [(4, 0.02), (4, 0.05)], exps
 
     # two nodes (node 0 on host A, node 1 on host B, shards from the bucket) against one node
-    # with two processes and the same global batch: the same weights. Host B's params.yaml
-    # still has its experiment's lr: the nodes refuse to train apart, in one line each
+    # with two processes and the same global batch: the same weights. First with another lr
+    # in host B's params.yaml: the nodes refuse to train apart, in one line each
     train = ["-S", "train.device=cpu", "-S", "train.batch_size=4"]
+    for h in (a, b):
+        h.git("checkout", "--", "params.yaml")
+    raw = yaml.safe_load((b.path / "params.yaml").read_text())
+    raw["train"]["lr"] = 0.02
+    (b.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     nodes = train_nodes([a, b], free_port(), *train)
     try:
         assert [proc.wait(timeout=300) for proc in nodes] == [1, 1]
