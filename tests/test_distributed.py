@@ -89,6 +89,20 @@ def test_bad_topology_is_rejected():
         launch.check_topology(launch.Topology(2, nnodes=2, node_rank=2, master_addr="h"), "cpu")
 
 
+def test_a_lost_peer_is_told_apart_from_other_errors():
+    reset = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+        "[127.0.0.1]:42890: Connection reset by peer. This is typically caused by a remote "
+        "worker hanging"
+    )
+    assert launch.lost_peer(reset) == (
+        "rank ? of ?: another process of the group is gone (gloo: Connection reset by peer), "
+        "a node or a worker stopped; stopping too (restart all nodes with --auto-resume)"
+    )
+    assert launch.lost_peer(RuntimeError("CUDA out of memory")) is None
+    assert launch.lost_peer(ValueError("gloo")) is None
+
+
 def test_launch_propagates_the_exit_code():
     assert launch.run([sys.executable, "-c", "raise SystemExit(3)"]) == 3
 

@@ -390,3 +390,58 @@ def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_p
     took = time.monotonic() - t0
     print(f"two hosts, one bucket, one pool, two nodes: {took:.0f} s")
     assert took < 600
+
+
+# ----------------------------------------------------------------------------- a node dies
+
+
+@pytest.mark.parametrize("dies", [1, 0])
+def test_a_node_that_dies_stops_the_other_in_one_line(s3, dies, tmp_path, monkeypatch):
+    """Two nodes train from the bucket; one is killed with all its processes (as a machine
+    that goes down): the other's next collective fails at once (gloo sees the connection
+    reset or closed), and it exits 1 with one line, within a bound."""
+    from conftest import tiny_params
+
+    from stages import steps
+
+    bucket = s3.make_bucket(f"nodes-{dies}")
+    raw = tiny_params(**PARAMS, **{"data.shards": f"s3://{bucket}/shards"})
+    raw["train"].update(iterations=400, checkpoint_interval=2, device="cpu", batch_size=4)
+    nodes = [host(tmp_path / f"node{r}", s3, "http://127.0.0.1:1/api") for r in (0, 1)]
+    for h in nodes:
+        h.path.mkdir()
+        (h.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        h.env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # this checkout's code
+    steps.synth(tmp_path / "synthetic", {"train": 6, "val": 2}, 64, 128, 0, 1)
+    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in nodes[0].env.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    for split in ("train", "val"):
+        steps.preprocess(tmp_path / "synthetic", split, f"s3://{bucket}/shards/{split}",
+                         samples_per_shard=4, workers=1)  # fmt: skip
+    procs = train_nodes(nodes, free_port())
+
+    def training():  # node 0 wrote its first checkpoint (step 2 of 400), both still run
+        assert (nodes[0].path / "outputs/train/last.pt").is_file()
+        assert all(p.poll() is None for p in procs), [p.poll() for p in procs]
+
+    try:
+        _eventually(training, timeout=240)
+        t0 = time.monotonic()
+        kill_tree(procs[dies])
+        survivor = procs[1 - dies]
+        code = survivor.wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            kill_tree(p)
+    log = (nodes[1 - dies].path.parent / f"node{1 - dies}-node{1 - dies}.log").read_text()
+    assert code == 1, log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in log, log
+    assert errors[0].startswith(f"error: rank {1 - dies} of 2: another process of the group is "
+                                "gone (gloo: Connection "), errors  # fmt: skip
+    print(f"node {dies} killed: node {1 - dies} exited in {took:.1f} s")
+    assert took < 60
