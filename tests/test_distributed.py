@@ -9,6 +9,7 @@ resumed on one.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,22 @@ def test_a_lost_peer_is_told_apart_from_other_errors():
     )
     assert launch.lost_peer(RuntimeError("CUDA out of memory")) is None
     assert launch.lost_peer(ValueError("gloo")) is None
+
+
+def test_a_worker_killed_by_a_signal_is_one_line_from_torchrun(tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.launch", "--standalone", "--nproc-per-node", "1",
+         str(script)], capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(
+        r"error: torchrun: rank 0 \(pid \d+\) was killed by SIGKILL", errors[0]
+    ), proc.stderr
 
 
 def test_launch_propagates_the_exit_code():

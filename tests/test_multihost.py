@@ -12,6 +12,8 @@ the AWS credential variables.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +30,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from s3server import S3Server, free_port, s3  # noqa: F401
 from test_dvc import _env, _new_project
-from test_flows import _eventually, _stage_table, _start, _stop, server  # noqa: F401
+from test_flows import _eventually, _stage_table, _start, _stop
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +39,41 @@ POOL = "team"
 DEPLOYMENT = "seg-pipeline/shared"
 # tiny params, amp off (AVX2-only CPUs run bf16 30x slower), shards in the bucket
 PARAMS = {"train.amp": "off", "evaluate.amp": "off"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `prefect server start` on a free loopback port, its own home and database. A
+    queued run retries for its slot every 2 s (default 30 s)."""
+    import httpx
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+    }
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+           "--port", str(port), "--no-ui", "--analytics-off"]  # fmt: skip
+    proc = _start(cmd, home, env, home / "server.log")
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy():
+        assert proc.poll() is None, (home / "server.log").read_text()
+        try:
+            assert httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError as exc:
+            raise AssertionError(str(exc)) from None
+
+    try:
+        _eventually(healthy, timeout=120)
+        yield url
+    finally:
+        _stop(proc, signal.SIGTERM)
 
 
 @dataclass
@@ -445,3 +482,116 @@ def test_a_node_that_dies_stops_the_other_in_one_line(s3, dies, tmp_path, monkey
                                 "gone (gloo: Connection "), errors  # fmt: skip
     print(f"node {dies} killed: node {1 - dies} exited in {took:.1f} s")
     assert took < 60
+
+
+# ----------------------------------------------------------------------------- a worker dies
+
+
+def _lock_md5(path: Path, out: str) -> str:
+    for stage in yaml.safe_load((path / "dvc.lock").read_text())["stages"].values():
+        for o in stage.get("outs", []):
+            if o["path"] == out:
+                return o["md5"]
+    raise AssertionError(out)
+
+
+def test_a_killed_worker_s_next_run_starts_on_the_other_host_from_what_was_pushed(
+    s3, server, tmp_path
+):
+    bucket = s3.make_bucket("killed")
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    a = host(tmp_path / "A", s3, server)
+    _new_project(a.path, **PARAMS, **{"data.shards": f"s3://{bucket}/shards"})
+    shards_in_bucket(a.path / "dvc.yaml")
+    a.dvc("remote", "add", "-d", "storage", f"s3://{bucket}/dvc")
+    a.dvc("remote", "modify", "storage", "endpointurl", s3.endpoint)
+    a.dvc("repro")
+    a.git("add", "-A")
+    a.git("commit", "-q", "-m", "first results")
+    a.git("remote", "add", "origin", f"file://{origin}")
+    a.git("push", "-q", "-u", "origin", "main")
+    a.dvc("push")
+    b = host(tmp_path / "B", s3, server)
+    subprocess.run(["git", "clone", "-q", f"file://{origin}", str(b.path)], check=True, env=b.env)
+    b.dvc("pull")
+    # host A moves on and pushes: host B is now a commit behind
+    raw = yaml.safe_load((a.path / "params.yaml").read_text())
+    raw["train"]["lr"] = 0.04
+    (a.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    a.dvc("repro")
+    a.git("commit", "-q", "-am", "lr 0.04")
+    a.git("push", "-q")
+    a.dvc("push")
+    pushed = _lock_md5(a.path, "outputs/train/last.pt")
+
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        from prefect.client.schemas.actions import WorkPoolCreate
+
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+        a.seg("deploy", "--pool", POOL, "--name", "shared", "--workdir", "$SEG_PROJECT",
+              "--collision", "queue")  # fmt: skip
+        long = {"overrides": ["train.iterations=400", "train.val_interval=400"]}
+        worker_a = a.worker(tmp_path / "worker-A.log")
+        try:
+            with get_client(sync_client=True) as client:
+                d = client.read_deployment_by_name(DEPLOYMENT)
+                killed = client.create_flow_run_from_deployment(d.id, parameters=long)
+
+                def training() -> int:  # the run's train stage is 10 steps in
+                    assert client.read_flow_run(killed.id).state.is_running()
+                    loss = a.path / "outputs/train/dvclive/plots/metrics/train/loss.tsv"
+                    steps = len(loss.read_text().splitlines()) - 1 if loss.is_file() else 0
+                    assert steps >= 10, steps
+                    assert _lock_md5(a.path, "outputs/train/last.pt") == pushed
+                    return steps
+
+                partial = _eventually(training, timeout=300, every=1)
+        finally:
+            kill_tree(worker_a)  # the worker, its flow run, dvc, seg train: the host is gone
+        t_kill = time.monotonic()
+
+        worker_b = b.worker(tmp_path / "worker-B.log")
+        try:
+            with get_client(sync_client=True) as client:
+                nxt = client.create_flow_run_from_deployment(
+                    d.id, parameters={"overrides": ["train.iterations=6"]}
+                )
+
+                def queued():  # the dead run still holds the deployment's one slot
+                    assert client.read_flow_run(killed.id).state.is_running()
+                    names = [st.name for st in client.read_flow_run_states(nxt.id)]
+                    assert "AwaitingConcurrencySlot" in names, names
+
+                _eventually(queued, timeout=120)
+                # Nothing tells the server that the run died: it stays Running, and its slot
+                # lease (renewed by the flow run for 300 s at a time, prefect/flow_engine.py)
+                # frees the slot up to 5 min later (measured twice: the next run ended 336 s
+                # and 337 s after the kill). Marking it Crashed, as an operator (or a
+                # zombie-run automation) does, frees the slot at once.
+                from prefect.states import Crashed
+
+                client.set_flow_run_state(
+                    killed.id, Crashed(message="host A went down"), force=True
+                )
+                done = wait_final(client, nxt.id, timeout=400)
+                log = run_logs(client, nxt.id)
+                assert done.state.is_completed(), f"{done.state}\n{log}"
+        finally:
+            _stop(worker_b)
+    waited = time.monotonic() - t_kill
+    print(f"killed at step {partial}; the next run finished on host B {waited:.0f} s later")
+    assert f"project {b.path}" in log
+    # from what was last pushed: host B fast-forwarded to A's pushed commit and pulled its
+    # outputs; the log names that checkpoint (not the killed run's, which never left host A)
+    head = a.git("rev-parse", "--short", "origin/main").stdout.strip()
+    assert f"-> {head} (origin/main) and pulled its outputs (dvc pull)" in log, log
+    assert (
+        f"starting from outputs/train/last.pt at step 4 of 4, md5 {pushed} (as dvc.lock "
+        "records it)" in log
+    ), log
+    # nothing pushed is lost: origin still ends at A's commit, B's run is an experiment there
+    refs = subprocess.run(["git", "ls-remote", str(origin)], capture_output=True, text=True)
+    assert f"{a.git('rev-parse', 'HEAD').stdout.strip()}\trefs/heads/main" in refs.stdout
+    assert refs.stdout.count("refs/exps/") == 1, refs.stdout
