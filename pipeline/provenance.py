@@ -48,17 +48,21 @@ def data_hash(shard_dir: Path | str, dvc_lock: Path | str = "dvc.lock") -> dict:
     if lock.is_file():
         import yaml
 
-        same = (
-            (lambda p: p.rstrip("/") == where.rstrip("/"))
-            if store.is_url(where)
-            else (lambda p: Path(p) == Path(shard_dir))
-        )
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         for stage in stages.values():
             for o in stage.get("outs", []) or []:
-                if same(o.get("path", "")):
+                if _same_place(o.get("path", ""), shard_dir):
                     out["dvc_md5"] = o.get("md5") or o.get("etag")
     return out
+
+
+def _same_place(recorded: str, shard_dir: Path | str) -> bool:
+    """dvc.lock's path of an output and a shard folder (or bucket URL) name the same place."""
+    from pipeline import store
+
+    if store.is_url(shard_dir):
+        return recorded.rstrip("/") == store.display(shard_dir).rstrip("/")
+    return not store.is_url(recorded) and Path(recorded) == Path(shard_dir)
 
 
 def hardware() -> dict:

@@ -88,6 +88,17 @@ def test_preprocess_into_a_bucket_is_byte_identical_and_checked_on_read(
         list(EvalReader(url))
 
 
+def test_urls_in_messages_and_records_carry_no_user_info_or_query():
+    from pipeline import store
+
+    assert (
+        store.display("s3://KEYID:SECRET@Bucket/p/val?X-Amz-Signature=abc") == "s3://bucket/p/val"
+    )
+    assert store.display("data/shards/val") == "data/shards/val"
+    assert store.join("s3://b/p/", "val") == "s3://b/p/val"
+    assert store.join("data/shards", "val") == Path("data/shards/val")
+
+
 def test_each_rank_reads_only_its_own_shards_from_the_bucket(s3_env, tiny_root):
     s3 = s3_env
     bucket = _bucket(s3, "ranks")
