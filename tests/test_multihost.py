@@ -102,14 +102,14 @@ class Host:
     def seg(self, *args: str, **kw):
         return self.run(str(BIN / "seg"), *args, **kw)
 
-    def worker(self, log: Path) -> subprocess.Popen:
+    def worker(self, log: Path, pool: str = POOL) -> subprocess.Popen:
         """`prefect worker start --pool POOL` on this host, polling every second; the
         deployment's pull step sends its runs to $SEG_PROJECT, this clone."""
         env = {**self.env, "SEG_PROJECT": str(self.path), "PREFECT_WORKER_QUERY_SECONDS": "1",
                "PREFECT_WORKER_PREFETCH_SECONDS": "1"}  # fmt: skip
         elsewhere = self.path.parent / f"{self.path.name}-worker"
         elsewhere.mkdir(exist_ok=True)
-        cmd = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"]
+        cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
         return _start(cmd, elsewhere, env, log)
 
 
@@ -528,15 +528,16 @@ def test_a_killed_worker_s_next_run_starts_on_the_other_host_from_what_was_pushe
     with temporary_settings(updates={PREFECT_API_URL: server}):
         from prefect.client.schemas.actions import WorkPoolCreate
 
+        pool = "team-killed"  # the module's server is shared with the other tests
         with get_client(sync_client=True) as client:
-            client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
-        a.seg("deploy", "--pool", POOL, "--name", "shared", "--workdir", "$SEG_PROJECT",
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        a.seg("deploy", "--pool", pool, "--name", "killed", "--workdir", "$SEG_PROJECT",
               "--collision", "queue")  # fmt: skip
         long = {"overrides": ["train.iterations=400", "train.val_interval=400"]}
-        worker_a = a.worker(tmp_path / "worker-A.log")
+        worker_a = a.worker(tmp_path / "worker-A.log", pool)
         try:
             with get_client(sync_client=True) as client:
-                d = client.read_deployment_by_name(DEPLOYMENT)
+                d = client.read_deployment_by_name("seg-pipeline/killed")
                 killed = client.create_flow_run_from_deployment(d.id, parameters=long)
 
                 def training() -> int:  # the run's train stage is 10 steps in
@@ -552,7 +553,7 @@ def test_a_killed_worker_s_next_run_starts_on_the_other_host_from_what_was_pushe
             kill_tree(worker_a)  # the worker, its flow run, dvc, seg train: the host is gone
         t_kill = time.monotonic()
 
-        worker_b = b.worker(tmp_path / "worker-B.log")
+        worker_b = b.worker(tmp_path / "worker-B.log", pool)
         try:
             with get_client(sync_client=True) as client:
                 nxt = client.create_flow_run_from_deployment(
