@@ -10,6 +10,13 @@
    (BatchAugment; here the CPU, on a GPU node the GPU). The usual baseline: a map-style
    Dataset opening the PNG files with PIL and augmenting each frame in the workers (the same
    augmentation, one frame at a time). Same DataLoader settings, in the same run.
+4. With --s3: the same training read from an object store against local disk, the same
+   shards (uploaded by `write_shards` to the bucket), in the same run: raw MB/s (tar members
+   read, nothing decoded) and training-read samples/s. `--s3 local` starts moto's S3 server
+   on 127.0.0.1 (the dev extra); `--s3 s3://bucket/prefix` uses a real bucket, with the
+   endpoint and credentials from the AWS_* variables or a profile.
+
+    python benchmarks/shards_io.py --n 16 --s3 local --skip-preprocess --workers 2
 """
 
 from __future__ import annotations
@@ -83,6 +90,73 @@ def time_loader(loader, n_samples: int, augment=None) -> float:
     return seen / (time.perf_counter() - t0)
 
 
+def raw_read(url_or_dir, n_samples: int) -> tuple[float, float]:
+    """(MB/s, samples/s) of reading tar members straight through, one process, no decode."""
+    from pipeline.data.readers import iter_raw, shard_urls
+
+    urls = shard_urls(url_or_dir)
+    t0, size, seen = time.perf_counter(), 0, 0
+    while seen < n_samples:
+        for url in urls:
+            for _key, members in iter_raw(url):
+                size += sum(len(b) for b in members.values())
+                seen += 1
+    dt = time.perf_counter() - t0
+    return size / dt / 1e6, seen / dt
+
+
+def store_vs_disk(tmp: Path, root: Path, args, aug: BatchAugment) -> None:
+    """Section 4: the same shards on local disk and in an object store, read the same way."""
+    import sys
+
+    server = None
+    if args.s3 == "local":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import s3server  # moto's server mode, auth on, on a free loopback port
+
+        server, s3 = s3server.start(tmp / "moto")
+        (tmp / "aws-empty").write_text("")  # no profile or config file of the user's
+        os.environ.update(s3.env(AWS_CONFIG_FILE=str(tmp / "aws-empty"),
+                                 AWS_SHARED_CREDENTIALS_FILE=str(tmp / "aws-empty")))  # fmt: skip
+        s3.make_bucket("bench")
+        url, where = "s3://bench/shards/train", f"moto S3 server at {s3.endpoint}"
+    else:
+        url, where = args.s3.rstrip("/") + "/train", args.s3
+    try:
+        local = tmp / "shards-store-local"
+        kw = {"samples_per_shard": 8, "image_format": "png", "workers": args.workers}
+        write_shards(root, "train", local, **kw)
+        t0 = time.perf_counter()
+        write_shards(root, "train", url, overwrite=True, **kw)
+        up = time.perf_counter() - t0
+        size = folder_bytes(local, "shard-*.tar")
+        print(
+            f"\nobject store ({where}) against local disk, the same {size / 1e6:.1f} MB of shards:"
+        )
+        print(
+            f"  preprocess into the store: {args.n / up:6.2f} pairs/s ({size / up / 1e6:.1f} MB/s with encoding)"
+        )
+        for name, src in (("local disk", local), ("object store", url)):
+            mbs, sps = raw_read(src, args.read_samples)
+            print(
+                f"  raw read, {name:12s}: {mbs:7.1f} MB/s  {sps:7.1f} samples/s (tar members, no decode)"
+            )
+        for workers in sorted({0, args.workers}):
+            rates = {}
+            for name, src in (("local disk", local), ("object store", url)):
+                stream = torch.utils.data.DataLoader(
+                    TrainStream(src, seed=0, shuffle_buffer=8), batch_size=args.batch,
+                    num_workers=workers, collate_fn=collate_train,
+                )  # fmt: skip
+                rates[name] = time_loader(stream, args.read_samples, aug)
+            ratio = rates["object store"] / rates["local disk"]
+            print(f"  training read, workers={workers}: local disk {rates['local disk']:6.2f} samples/s"
+                  f" | object store {rates['object store']:6.2f} samples/s ({ratio:.2f}x)")  # fmt: skip
+    finally:
+        if server is not None:
+            s3server.stop(server)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -94,6 +168,10 @@ def main() -> None:
     ap.add_argument("--crop", type=int, nargs=2, default=(512, 1024))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--read-samples", type=int, default=64)
+    ap.add_argument("--s3", default=None,
+                    help="also read from an object store: 'local' (moto on 127.0.0.1) or s3://bucket/prefix")  # fmt: skip
+    ap.add_argument("--skip-preprocess", action="store_true",
+                    help="only section 4: no preprocess table, no PIL folder baseline")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(
@@ -115,6 +193,11 @@ def main() -> None:
             + folder_bytes(root / "gtFine", "*_instanceIds.png")
         )
         print(f"raw folder (images + labelIds + instanceIds): {raw / 1e6:.1f} MB")
+        if args.skip_preprocess:
+            if args.s3:
+                store_vs_disk(tmp, root, args, BatchAugment(tuple(args.crop)))
+            shutil.rmtree(root)
+            return
         print("\npreprocess (decode + validate + labelIds->trainIds + encode + tar + sha256):")
         for fmt in ("png", "npy"):
             for workers in sorted({1, args.workers}):
@@ -148,6 +231,8 @@ def main() -> None:
                     f"  workers={workers}: PIL folder {base:6.2f} samples/s | shards ({fmt}) {ours:6.2f} samples/s"
                     f" ({ours / base:.2f}x)"
                 )
+        if args.s3:
+            store_vs_disk(tmp, root, args, aug)
         shutil.rmtree(root)
 
 

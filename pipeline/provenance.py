@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import DataError
+
 
 def git_state(cwd: Path | str = ".") -> dict:
     """{"revision": sha or None, "dirty": bool or None} of the repository holding cwd."""
@@ -33,10 +35,15 @@ def data_hash(shard_dir: Path | str, dvc_lock: Path | str = "dvc.lock") -> dict:
     and always the sha256 of the split's manifest. The manifest already holds the sha256 of
     every member of every shard (and the shards are a function of their members), so hashing
     it identifies the data without reading gigabytes of tars again at each evaluation."""
-    shard_dir = Path(shard_dir)
-    manifest = shard_dir / "manifest.parquet"
-    sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-    out = {"path": str(shard_dir), "sha256": sha, "dvc_md5": None}
+    from pipeline import store
+    from pipeline.data.shards import manifest_bytes
+
+    try:
+        sha = hashlib.sha256(manifest_bytes(shard_dir)).hexdigest()
+    except DataError:  # no manifest
+        sha = None
+    where = store.display(shard_dir)  # a bucket URL: never user info or a query
+    out = {"path": where, "sha256": sha, "dvc_md5": None}
     lock = Path(dvc_lock)
     if lock.is_file():
         import yaml
@@ -44,9 +51,18 @@ def data_hash(shard_dir: Path | str, dvc_lock: Path | str = "dvc.lock") -> dict:
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         for stage in stages.values():
             for o in stage.get("outs", []) or []:
-                if Path(o.get("path", "")) == shard_dir:
-                    out["dvc_md5"] = o.get("md5")
+                if _same_place(o.get("path", ""), shard_dir):
+                    out["dvc_md5"] = o.get("md5") or o.get("etag")
     return out
+
+
+def _same_place(recorded: str, shard_dir: Path | str) -> bool:
+    """dvc.lock's path of an output and a shard folder (or bucket URL) name the same place."""
+    from pipeline import store
+
+    if store.is_url(shard_dir):
+        return recorded.rstrip("/") == store.display(shard_dir).rstrip("/")
+    return not store.is_url(recorded) and Path(recorded) == Path(shard_dir)
 
 
 def hardware() -> dict:

@@ -16,6 +16,14 @@ no Prefect result caching (`cache_policy=NO_CACHE, persist_result=False`).
 With overrides (`-S train.lr=0.02`) a run is an experiment, as with `dvc exp run -S`: the
 overrides are written into params.yaml (DVC's own function for that), the stale stages run,
 and the result is saved with `dvc exp save`, so it shows up in `dvc exp show`.
+
+Beyond one machine: when the project has a git remote and a default DVC remote (several
+hosts share them, each a clone with a worker on one work pool), a run starts from what was
+last pushed (a clean clone behind its upstream is fast-forwarded and `dvc pull`s the outputs
+of the new dvc.lock; its log names the checkpoint it starts from), and every run that ran a
+stage is saved as an experiment and pushed (`dvc exp push`: the git ref to the git remote,
+its outputs to the DVC remote), so `dvc exp pull` + `dvc exp show` on any clone lists the
+runs of all hosts. Without both remotes nothing of this happens.
 """
 
 from __future__ import annotations
@@ -600,6 +608,115 @@ def save_experiment(root: str) -> str:
     return name
 
 
+# ----------------------------------------------------------------------------- remotes
+
+
+def remotes(root: Path) -> tuple[str, str] | None:
+    """(git remote, DVC remote) when the project has both: `origin` (or the only git remote)
+    and DVC's default remote (`dvc remote add -d`). None otherwise: a run then stays local."""
+    from dvc.repo import Repo
+
+    proc = _git(root, "remote")
+    names = proc.stdout.split() if proc.returncode == 0 else []
+    if not names:
+        return None
+    with Repo(str(root)) as repo:
+        dvc_remote = repo.config["core"].get("remote")
+    if not dvc_remote:
+        return None
+    return ("origin" if "origin" in names else names[0]), dvc_remote
+
+
+def _git(root: Path | str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+
+def _checked(proc: subprocess.CompletedProcess, what: str) -> str:
+    if proc.returncode != 0:
+        raise StageFailed(f"{what}: {_dvc_error(proc.stdout + proc.stderr)}", retryable=True)
+    return proc.stdout.strip()
+
+
+def checkpoint_note(root: Path) -> str:
+    """Which checkpoint the train stage would continue: its step (DVCLive's last row) and
+    md5, and whether dvc.lock records it (pushed with its commit) or it is local only."""
+    import hashlib
+
+    import yaml
+
+    p = steps.load(root / "params.yaml")
+    last = steps.train_dir(p) / "last.pt"
+    if not (root / last).is_file():
+        return f"{last}: none yet (training starts a new run)"
+    md5 = hashlib.md5((root / last).read_bytes()).hexdigest()
+    step = "?"
+    live = root / steps.train_dir(p) / "dvclive" / "metrics.json"
+    if live.is_file():
+        step = json.loads(live.read_text()).get("step", "?")
+    recorded = None
+    if (root / "dvc.lock").is_file():
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+        for o in (lock.get("stages", {}).get("train") or {}).get("outs", []):
+            if o.get("path") == str(last):
+                recorded = o.get("md5")
+    where = "as dvc.lock records it" if recorded == md5 else "local, not in dvc.lock"
+    return f"{last} at step {step} of {p.train.iterations}, md5 {md5} ({where})"
+
+
+@task(name="start-from-remotes", **_NO_CACHE)
+def start_from_remotes(root: str, git_remote: str) -> dict:
+    """Start from what was last pushed: fetch the git remote; a clean workspace behind its
+    upstream is fast-forwarded and pulls the outputs of the new dvc.lock (`dvc pull`). Local
+    changes are never overwritten: the run then goes on from them, and says so."""
+    logger = get_run_logger()
+    _checked(_git(root, "fetch", "--quiet", git_remote), f"git fetch {git_remote}")
+    head = _checked(_git(root, "rev-parse", "--short", "HEAD"), "git rev-parse")
+    upstream_proc = _git(root, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{u}")
+    upstream = upstream_proc.stdout.strip() if upstream_proc.returncode == 0 else None
+    behind = 0
+    if upstream:
+        behind = int(_checked(_git(root, "rev-list", "--count", "HEAD..@{u}"), "git rev-list"))
+    dirty = _checked(_git(root, "status", "--porcelain", "--untracked-files=no"), "git status")
+    if not upstream:
+        logger.info("at %s; the branch has no upstream on %s: nothing to update", head, git_remote)
+    elif behind and dirty:
+        files = ", ".join(line[3:] for line in dirty.splitlines())
+        logger.warning(
+            "%d commit(s) behind %s, but local changes (%s): going on from the local state",
+            behind, upstream, files,
+        )  # fmt: skip
+    elif behind:
+        _checked(_git(root, "merge", "--ff-only", "--quiet", "@{u}"), "git merge --ff-only")
+        new = _checked(_git(root, "rev-parse", "--short", "HEAD"), "git rev-parse")
+        proc = subprocess.run(
+            dvc_command("pull", "--allow-missing"), cwd=root, env=dvc_env(),
+            capture_output=True, text=True,
+        )  # fmt: skip
+        _checked(proc, "dvc pull")
+        logger.info("updated %s -> %s (%s) and pulled its outputs (dvc pull)", head, new, upstream)
+        head = new
+    else:
+        logger.info("at %s, up to date with %s", head, upstream)
+    note = checkpoint_note(Path(root))
+    logger.info("starting from %s", note)
+    return {"revision": head, "checkpoint": note}
+
+
+@task(name="push-experiment", retries=IO_RETRIES, retry_delay_seconds=5, **_NO_CACHE)
+def push_experiment(root: str, git_remote: str, name: str) -> None:
+    """`dvc exp push`: the experiment's git ref to the git remote, its outputs to the DVC
+    remote; another clone gets it with `dvc exp pull`."""
+    proc = subprocess.run(
+        dvc_command("exp", "push", git_remote, name), cwd=root, env=dvc_env(),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    _checked(proc, f"dvc exp push {git_remote} {name}")
+    get_run_logger().info(
+        "pushed experiment %s to %s and the DVC remote (dvc exp pull %s %s)",
+        name, git_remote, git_remote, name,
+    )  # fmt: skip
+
+
 @task(name="publish-metrics", **_NO_CACHE)
 def publish_metrics(root: str, evaluated: bool) -> dict:
     """metrics.json -> a per-class IoU table and a markdown summary in the Prefect UI."""
@@ -712,6 +829,9 @@ def _pipeline(targets, overrides, log_every: int, logger) -> dict:
     steps.load(root / "params.yaml", overrides)  # a bad override fails here, before any work
     planned = stage_plan(root, targets)
     logger.info("project %s; stages in order: %s", root, ", ".join(planned))
+    team = remotes(root)  # (git remote, DVC remote): runs travel between hosts
+    if team:
+        start_from_remotes(str(root), team[0])
     if overrides:
         set_params(str(root), overrides)
     results: list[dict] = []
@@ -733,8 +853,10 @@ def _pipeline(targets, overrides, log_every: int, logger) -> dict:
         )
     out: dict = {"stages": {r["stage"]: r["result"] for r in results}}
     ran = [r["stage"] for r in results if r["result"] != "up to date"]
-    if overrides and ran:
+    if (overrides or team) and ran:
         out["experiment"] = save_experiment(str(root))
+        if team:
+            push_experiment(str(root), team[0], out["experiment"])
     if "evaluate" in planned:
         out.update(publish_metrics(str(root), evaluated="evaluate" in ran))
     return out
@@ -799,6 +921,17 @@ def deployment(
     )
 
 
+def workdir_variable(workdir: Path | str) -> str | None:
+    """`$NAME` (an environment variable each worker sets to its clone) -> NAME, else None."""
+    text = str(workdir)
+    if not text.startswith("$"):
+        return None
+    name = text[1:].strip("{}")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ConfigError(f"--workdir {text!r}: expected $NAME, an environment variable name")
+    return name
+
+
 def deploy(
     pool: str,
     name: str = "nightly",
@@ -810,8 +943,12 @@ def deploy(
 ):
     """Register the deployment on work pool `pool`: its runs execute on the pool's workers
     (`prefect worker start --pool POOL`), in `workdir` on the worker's machine (a clone of
-    the project with this package installed). Returns the deployment id."""
+    the project with this package installed). `workdir` `$NAME`: wherever the environment
+    variable NAME points on the worker that picks the run up (clones at different paths: a
+    pull step `set_working_directory` to `{{ $NAME }}`, resolved by each worker's flow-run
+    process). Returns the deployment id."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
@@ -824,12 +961,20 @@ def deploy(
             ) from None
     # `flow.deploy` would also list the pool's workers, a request this server version
     # rejects (422 on the client's null limit); registering the deployment is all it needs
+    variable = workdir_variable(workdir)
+    job_variables = {"env": heartbeat_env()}  # runs send heartbeats (crash_silent_runs)
+    if not variable:
+        job_variables["working_dir"] = str(workdir)
     deployment = pipeline_flow.to_deployment(
-        name, work_pool_name=pool,
-        job_variables={"working_dir": str(workdir), "env": heartbeat_env()},
+        name, work_pool_name=pool, job_variables=job_variables,
         **_deployment_kwargs(cron, timezone, overrides, collision),
     )  # fmt: skip
     deployment_id = deployment.apply(work_pool_name=pool)
+    if variable:
+        step = {"prefect.deployments.steps.set_working_directory": {
+            "directory": "{{ $" + variable + " }}"}}  # fmt: skip
+        with get_client(sync_client=True) as client:
+            client.update_deployment(deployment_id, DeploymentUpdate(pull_steps=[step]))
     crash_silent_runs(deployment_id, f"{pipeline_flow.name}/{name}")
     return deployment_id
 

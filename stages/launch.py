@@ -10,6 +10,14 @@ command sees RANK, joins the process group (pipeline.engine.distributed.init_fro
 does its share. One node without --master-port uses `--standalone` (a free local port), so
 two runs on one machine never collide on 29500. `--gpus 1` is a one-process group: the
 multi-GPU code path (NCCL, DDP, SyncBatchNorm) on one GPU.
+
+torchrun runs through `python -m stages.launch` (torch's own `torch.distributed.run`, whose
+failure report is one line instead of its traceback). When a node dies, the others stop
+with one line each: a killed process closes its sockets, so a worker's next collective fails
+at once (gloo: "Connection reset by peer"; NCCL: its error), and `seg train` says the group
+lost a peer; a node that vanishes without closing them (power, network) is given up after
+the process group's timeout (`GROUP_TIMEOUT_S`, given to init_from_env). Nodes
+that never join are given up after static rendezvous' 600 s (torchrun's `timeout`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+
+# How long a collective waits for a peer that neither answers nor closes its connection (its
+# node lost power or network) before the process group gives up: 10 min, NCCL's own default
+# (gloo's is 30). The longest wait a healthy run has is rank 0 saving a checkpoint or a
+# snapshot while the others wait at the next all-reduce: seconds, minutes on slow storage.
+GROUP_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -67,8 +81,9 @@ def check_topology(t: Topology, device: str, device_key: str = "train.device") -
 def torchrun_command(
     t: Topology, module_args: Sequence[str], module: str = "stages.cli"
 ) -> list[str]:
-    """`python -m torch.distributed.run ... -m <module> <module_args...>`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(t.nproc_per_node)]
+    """`python -m stages.launch ... -m <module> <module_args...>`: torchrun's arguments, run by
+    `torch.distributed.run` (see `main`)."""
+    cmd = [sys.executable, "-m", "stages.launch", "--nproc-per-node", str(t.nproc_per_node)]
     if t.nnodes > 1 or t.master_addr or t.master_port:
         cmd += ["--nnodes", str(t.nnodes), "--node-rank", str(t.node_rank)]
         cmd += ["--master-addr", t.master_addr or "127.0.0.1"]
@@ -111,3 +126,88 @@ def launch(t: Topology, args: Sequence[str], device: str, device_key: str) -> in
     `device_key` is the param that holds `device` (train.device, evaluate.device)."""
     check_topology(t, device, device_key)
     return run(torchrun_command(t, args))
+
+
+def check_same_params(p) -> None:
+    """Every process of the group trains with the same train params, else a one-line error
+    naming what differs (nodes with different params.yaml files would each step with their
+    own lr or batch and silently train a model nobody asked for)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = {"data.dataset": p.data.dataset, **{
+        f"train.{k}": v for k, v in dataclasses.asdict(p.train).items()}}  # fmt: skip
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        differ = sorted(k for k in mine if theirs.get(k) != everyone[0].get(k))
+        if differ:
+            what = ", ".join(f"{k}={everyone[0][k]!r} on rank 0, {theirs[k]!r} on rank {rank}"
+                             for k in differ[:3])  # fmt: skip
+            raise ConfigError(
+                f"the processes have different params ({what}): every node needs the same "
+                "params.yaml and -S overrides"
+            )
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """What a worker says when a collective failed because another process of the group is
+    gone (killed, crashed, its node down), or None for any other error."""
+    import torch.distributed as dist
+
+    kinds = tuple(
+        getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistError")
+        if hasattr(dist, name)
+    )  # fmt: skip
+    text = str(exc)
+    gone = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "timed out")
+    if not isinstance(exc, kinds) and not (
+        isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text)
+    ):
+        return None
+    reason = next((g for g in gone if g.lower() in text.lower()), type(exc).__name__)
+    backend = "NCCL" if "NCCL" in text else "gloo" if "gloo" in text else "torch.distributed"
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else ("?", "?")
+    return (
+        f"rank {rank} of {world}: another process of the group is gone ({backend}: {reason}), "
+        "a node or a worker stopped; stopping too (restart all nodes with --auto-resume)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """torchrun (`torch.distributed.run`) with its failure report in one line: a worker that
+    exits 1 has printed its own error (`error: ...`); a worker killed by a signal or exiting
+    otherwise is named here."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    # the agent's own "failed (exitcode: 1) local_rank: 0 ..." line: said once, below
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        torchrun(parse_args(list(argv if argv is not None else sys.argv[1:])))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode != 1:
+            how = (
+                f"was killed by {failure.signal_name()}"
+                if failure.exitcode < 0
+                else f"exited with code {failure.exitcode}"
+            )
+            print(f"error: torchrun: rank {rank} (pid {failure.pid}) {how}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

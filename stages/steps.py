@@ -49,8 +49,11 @@ def load(params_file: Path | str = "params.yaml", overrides: list[str] | None = 
     return params_from_dict(raw)
 
 
-def shard_dir(p: Params, split: str) -> Path:
-    return Path(p.data.shards) / split
+def shard_dir(p: Params, split: str) -> Path | str:
+    """{data.shards}/{split}: a folder, or a URL in an object store (s3://bucket/prefix/train)."""
+    from pipeline import store
+
+    return store.join(p.data.shards, split)
 
 
 def train_dir(p: Params) -> Path:
@@ -277,7 +280,7 @@ def evaluate(
     if fold is not None:
         checkpoint, shards, source, out, fold_info = _fold_evaluation(p, fold, checkpoint, out)
     checkpoint = Path(checkpoint or train_dir(p) / "best.pt")
-    shards = Path(shards or shard_dir(p, p.data.val_split))
+    shards = shards or shard_dir(p, p.data.val_split)
     source = source or shards
     out = Path(out or eval_dir(p))
     rank, world = rank_world()
@@ -438,13 +441,13 @@ def _fold_evaluation(p: Params, fold: int, checkpoint, out):
     }
     checkpoint = checkpoint or fold_dir(p, fold) / "train" / "last.pt"
     out = out or fold_dir(p, fold) / "eval"
-    return checkpoint, Path(val_src.source), val_src, out, info
+    return checkpoint, val_src.source, val_src, out, info
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _check_dataset(shards: Path, dataset: str) -> None:
+def _check_dataset(shards: Path | str, dataset: str) -> None:
     from pipeline.data.shards import manifest_info
 
     made_from = manifest_info(shards).get("dataset")

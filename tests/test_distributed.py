@@ -9,6 +9,7 @@ resumed on one.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def trained(proj: Path) -> Path:
 def test_torchrun_command_one_node_uses_a_free_port():
     t = launch.Topology(nproc_per_node=2)
     cmd = launch.torchrun_command(t, launch.train_args("p.yaml", ["train.lr=0.1"], "continue"))
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "stages.launch"]  # torchrun, one-line failures
     assert "--standalone" in cmd and "--master-port" not in cmd
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
     i = cmd.index("-m", 3)
@@ -87,6 +88,36 @@ def test_bad_topology_is_rejected():
         launch.check_topology(launch.Topology(2, nnodes=2), "cpu")
     with pytest.raises(launch.ConfigError, match="--node-rank"):
         launch.check_topology(launch.Topology(2, nnodes=2, node_rank=2, master_addr="h"), "cpu")
+
+
+def test_a_lost_peer_is_told_apart_from_other_errors():
+    reset = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+        "[127.0.0.1]:42890: Connection reset by peer. This is typically caused by a remote "
+        "worker hanging"
+    )
+    assert launch.lost_peer(reset) == (
+        "rank ? of ?: another process of the group is gone (gloo: Connection reset by peer), "
+        "a node or a worker stopped; stopping too (restart all nodes with --auto-resume)"
+    )
+    assert launch.lost_peer(RuntimeError("CUDA out of memory")) is None
+    assert launch.lost_peer(ValueError("gloo")) is None
+
+
+def test_a_worker_killed_by_a_signal_is_one_line_from_torchrun(tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.launch", "--standalone", "--nproc-per-node", "1",
+         str(script)], capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(
+        r"error: torchrun: rank 0 \(pid \d+\) was killed by SIGKILL", errors[0]
+    ), proc.stderr
 
 
 def test_launch_propagates_the_exit_code():

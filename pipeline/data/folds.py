@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.shards import MANIFEST, read_manifest
+from pipeline import store
+from pipeline.data.shards import MANIFEST, manifest_bytes, read_manifest
 from pipeline.errors import ConfigError, DataError
 
 
@@ -49,13 +50,12 @@ def assign(group_sizes: Mapping[str, int], k: int) -> list[list[str]]:
 def make_folds(shard_dir: Path | str, k: int) -> dict:
     """The folds document of a shard folder: K, the manifest it came from, and per fold its
     groups, sample count and keys. K = 0 (k-fold off) gives a document with no folds."""
-    shard_dir = Path(shard_dir)
     table = read_manifest(shard_dir)
     rows = [r for r in table.select(["key", "group", "error"]).to_pylist() if r["error"] is None]
     doc = {
         "k": k,
         "shards": str(shard_dir),
-        "manifest_sha256": _sha256(shard_dir / MANIFEST),
+        "manifest_sha256": _sha256(shard_dir),
         "folds": [],
     }
     if k == 0:
@@ -66,7 +66,7 @@ def make_folds(shard_dir: Path | str, k: int) -> dict:
     try:
         groups = assign({g: len(keys) for g, keys in members.items()}, k)
     except ConfigError as exc:
-        raise ConfigError(f"{shard_dir / MANIFEST}: {exc}") from None
+        raise ConfigError(f"{store.join(shard_dir, MANIFEST)}: {exc}") from None
     for i, names in enumerate(groups):
         keys = sorted(key for g in names for key in members[g])
         doc["folds"].append({"fold": i, "groups": names, "samples": len(keys), "keys": keys})
@@ -85,7 +85,7 @@ def load_folds(path: Path | str, shard_dir: Path | str | None = None) -> dict:
             raise ValueError("fold numbers do not run 0..k-1")
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a folds file made by `seg kfold split` ({exc})") from None
-    if shard_dir is not None and doc["manifest_sha256"] != _sha256(Path(shard_dir) / MANIFEST):
+    if shard_dir is not None and doc["manifest_sha256"] != _sha256(shard_dir):
         raise DataError(
             f"{path}: made from other shards than {shard_dir} (its manifest changed since); "
             "run `seg kfold split` again"
@@ -141,7 +141,6 @@ def summarize(per_fold: Sequence[dict]) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    if not path.is_file():
-        raise DataError(f"{path}: no manifest (is {path.parent} a shard folder?)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(shard_dir: Path | str) -> str:
+    """The sha256 of a shard folder's manifest (DataError naming it when there is none)."""
+    return hashlib.sha256(manifest_bytes(shard_dir)).hexdigest()

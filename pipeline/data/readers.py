@@ -8,7 +8,9 @@ compiled GPU step.
 
 Shards are read from tar URLs: local paths (random access: a worker skips the members it
 does not own without reading them), `file://`, `pipe:` commands and webdataset's schemes,
-or any fsspec URL (s3://, gs://, memory://).
+or any fsspec URL (s3://, gs://, memory://; seekable, so skipping works there too). A shard
+folder in an object store (`s3://bucket/prefix/val`, see pipeline.store) is read as a local
+one: its manifest lists the shards and holds the sha256 the evaluation reader checks.
 
     loader = eval_loader("data/shards/val", batch_size=8, workers=8)
     for batches in loader: ...        # a list of same-size batches, see `collate_eval`
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from pipeline import store
 from pipeline.data.labels import IGNORE_INDEX
 from pipeline.data.pngio import decode_png_bytes
 from pipeline.data.shards import MANIFEST, read_manifest
@@ -56,10 +59,14 @@ def _split_source(source) -> tuple[Path | str | Sequence[str], frozenset[str] | 
 
 
 def shard_urls(source: Path | str | Sequence[str]) -> list[str]:
-    """A shard folder -> its sorted tar paths; a list of URLs is returned as is."""
+    """A shard folder -> its sorted tar paths; a list of URLs is returned as is. A folder in
+    an object store lists the shards its manifest names (only committed shards)."""
     source = _split_source(source)[0]
     if isinstance(source, (list, tuple)):
         return [str(u) for u in source]
+    if store.is_url(source) and not str(source).endswith(".tar"):
+        shards = read_manifest(source).column("shard").to_pylist()
+        return [str(store.join(source, s)) for s in sorted({s for s in shards if s})]
     path = Path(source)
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("shard-*.tar"))
@@ -82,31 +89,35 @@ def _local_path(url: str) -> str | None:
 
 
 def _open_stream(url: str):
-    """`pipe:cmd`, webdataset's schemes (http, ...) or any fsspec URL, as a byte stream."""
+    """`pipe:cmd` and webdataset's schemes (http, ...) as a byte stream; any fsspec URL as a
+    seekable file (pipeline.store: one-line errors for a bucket, credentials, endpoint)."""
     from webdataset.gopen import gopen, gopen_schemes
 
     scheme = url.split(":", 1)[0]
     if scheme in gopen_schemes:
         return gopen(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
+    return store.open_read(url)
 
 
 def iter_raw(
     url: str, wanted: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) groups of one tar, in stored order. With `wanted`, the members of
-    other keys are not read (skipped by seeking, for local files) and yield an empty dict."""
+    other keys are not read (skipped by seeking, for local files and object stores) and
+    yield an empty dict."""
     path = _local_path(url)
     try:
         stream = open(path, "rb") if path is not None else _open_stream(url)  # noqa: SIM115
     except (OSError, ValueError) as exc:
         raise DataError(f"{url}: cannot open shard ({exc})") from None
+    seekable = path is not None or getattr(stream, "seekable", lambda: False)()
     key, group = None, {}
     try:
         # "r:" seeks past members nobody reads; "r|" reads a pipe or socket straight through
-        with tarfile.open(fileobj=stream, mode="r:" if path is not None else "r|") as tar:
+        with (
+            store.errors(url),
+            tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar,
+        ):
             for info in tar:
                 if not info.isfile():
                     continue
@@ -190,7 +201,16 @@ class _Expected:
     sha256: dict[str, str]  # member prefix ("image", "label", ...) -> hex digest
 
 
-def _expected_samples(shard_dir: Path, keys: frozenset[str] | None) -> dict[str, _Expected]:
+def _has_manifest(folder: Path | str) -> bool:
+    """A shard folder with its manifest: a local one, or any object-store folder (whose
+    manifest is required: a missing one is an error there, not an unchecked read)."""
+    if store.is_url(folder):
+        return not str(folder).endswith(".tar")
+    path = Path(folder)
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def _expected_samples(shard_dir: Path | str, keys: frozenset[str] | None) -> dict[str, _Expected]:
     table = read_manifest(shard_dir).to_pylist()
     out: dict[str, _Expected] = {}
     for row in table:
@@ -248,9 +268,9 @@ class EvalReader(torch.utils.data.IterableDataset):
         source, self.keys = _split_source(source)
         self.rank, self.world_size = rank, world_size
         self.instance = instance
-        folder = Path(source) if not isinstance(source, (list, tuple)) else None
+        folder = source if not isinstance(source, (list, tuple)) else None
         self.expected: dict[str, _Expected] | None = None
-        if verify and folder is not None and folder.is_dir() and (folder / MANIFEST).is_file():
+        if verify and folder is not None and _has_manifest(folder):
             self.expected = _expected_samples(folder, self.keys)
             self.folder = folder
 
@@ -289,7 +309,7 @@ class EvalReader(torch.utils.data.IterableDataset):
         shards = {e.shard for e in mine.values()}
         seen: set[str] = set()
         for url in self.urls:
-            if Path(url).name not in shards:
+            if store.name(url) not in shards:
                 continue
             for key, members in iter_raw(url, wanted=mine.__contains__):
                 if key not in self.expected and (self.keys is None or key in self.keys):
@@ -307,7 +327,7 @@ class EvalReader(torch.utils.data.IterableDataset):
             k = missing[0]
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise DataError(
-                f"{self.folder / mine[k].shard}: {k}{more}: missing from the shard (damaged or "
+                f"{store.join(self.folder, mine[k].shard)}: {k}{more}: missing from the shard (damaged or "
                 "truncated; rerun `seg preprocess` for this split)"
             )
 

@@ -11,8 +11,14 @@ group of tar members sharing the key (the frame id):
 
 Shards are byte-identical for identical input: samples in sorted key order, shard i holds
 samples [i*n, (i+1)*n), and every tar header has fixed metadata (mtime 0, uid/gid 0, no
-user names, mode 0644). The split is written into a temporary sibling folder and renamed at
-the end, so a failure leaves no partial shards or manifest behind.
+user names, mode 0644). A local split is written into a temporary sibling folder and renamed
+at the end, so a failure leaves no partial shards or manifest behind.
+
+The output may also be a folder in an object store (`s3://bucket/prefix/train`,
+pipeline.store): each shard is uploaded as soon as it is closed, and the manifest last, as
+the commit marker. A store has no atomic rename, so a killed upload leaves shards without a
+manifest, which no reader accepts; the next run replaces them. An earlier manifest there is
+removed before the first new shard is uploaded, so a manifest never describes other shards.
 
 The manifest records every member's size and sha256: the readers (pipeline.data.readers)
 check evaluation samples against it.
@@ -25,7 +31,10 @@ import io
 import json
 import logging
 import math
+import re
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import store
 from pipeline.atomic import atomic_dir
 from pipeline.data.labels import DatasetSpec
 from pipeline.data.pngio import decode_png_bytes, encode_png, read_png
@@ -43,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.parquet"
 SHARD_PATTERN = "shard-{:06d}.tar"
+_SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
 # "png": the source file's bytes, unchanged: smallest, traceable to the source hash, and
 #        fast enough to decode (see benchmarks/shards_io.py for the measurement).
 # "npy": raw uint8 (H, W, 3) in .npy: ~2x the bytes, decode is a memcpy. For CPU-starved GPUs.
@@ -53,7 +64,7 @@ Progress = Callable[[int, int], None]
 @dataclass(frozen=True)
 class ShardSummary:
     split: str
-    out_dir: Path
+    out_dir: Path | str  # a folder, or an object-store URL
     samples: int
     shards: int
     bytes: int
@@ -196,26 +207,14 @@ def write_shards(
         raise ConfigError(
             f"unknown image_format {image_format!r}; valid: {', '.join(IMAGE_FORMATS)}"
         )
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: output path is a file, not a folder")
-    if (
-        out_dir.exists()
-        and any(out_dir.iterdir())
-        and overwrite
-        and not (out_dir / MANIFEST).is_file()
-    ):
-        raise DataError(
-            f"{out_dir}: not a shard folder (no {MANIFEST}); --overwrite only replaces shards it made"
-        )
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(
-            f"{out_dir}: output folder exists and is not empty (remove it, or use --overwrite)"
-        )
+    # checked before any work: a bad destination (or bucket, or credentials) writes nothing
+    dest = (
+        _Bucket(str(out_dir), overwrite) if store.is_url(out_dir) else _Folder(out_dir, overwrite)
+    )
     adapter = get_adapter(dataset)
     samples = adapter.samples(Path(root), split)  # sorted by key; DataError if empty
     total = len(samples)
-    with atomic_dir(out_dir) as tmp:
+    with dest as tmp:
         rows, skipped, n_written = [], [], 0
         tar: tarfile.TarFile | None = None
         shard_name = ""
@@ -232,6 +231,7 @@ def write_shards(
                     if n_written % samples_per_shard == 0:
                         if tar is not None:
                             tar.close()
+                            dest.closed(shard_name)
                         shard_name = SHARD_PATTERN.format(n_written // samples_per_shard)
                         tar = tarfile.open(tmp / shard_name, "w", format=tarfile.USTAR_FORMAT)
                     assert tar is not None
@@ -246,14 +246,93 @@ def write_shards(
                     progress(done, total)
         if tar is not None:
             tar.close()
+            dest.closed(shard_name)
         if n_written == 0:
             raise DataError(
                 f"{root}: split {split!r} produced no valid samples ({len(skipped)} skipped)"
             )
         _write_manifest(tmp / MANIFEST, rows, adapter.spec, split, image_format)
     n_shards = math.ceil(n_written / samples_per_shard)
-    size = sum(p.stat().st_size for p in out_dir.glob("shard-*.tar"))
-    return ShardSummary(split, out_dir, n_written, n_shards, size, skipped)
+    return ShardSummary(split, dest.out_dir, n_written, n_shards, dest.bytes, skipped)
+
+
+class _Folder:
+    """A local output folder: written whole in a temporary sibling, renamed at the end."""
+
+    def __init__(self, out_dir: Path | str, overwrite: bool) -> None:
+        out_dir = self.out_dir = store.local(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise DataError(f"{out_dir}: output path is a file, not a folder")
+        if out_dir.exists() and any(out_dir.iterdir()):
+            if not overwrite:
+                raise DataError(
+                    f"{out_dir}: output folder exists and is not empty (remove it, or use "
+                    "--overwrite)"
+                )
+            if not (out_dir / MANIFEST).is_file():
+                raise DataError(
+                    f"{out_dir}: not a shard folder (no {MANIFEST}); --overwrite only replaces "
+                    "shards it made"
+                )
+        self.bytes = 0
+
+    def __enter__(self) -> Path:
+        self._atomic = atomic_dir(self.out_dir)
+        self.tmp = self._atomic.__enter__()
+        return self.tmp
+
+    def closed(self, shard: str) -> None:
+        self.bytes += (self.tmp / shard).stat().st_size
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._atomic.__exit__(*exc)
+
+
+class _Bucket:
+    """A folder in an object store: shards go up one by one as they close (staged in a local
+    temporary folder, one at a time), the manifest last, as the commit marker."""
+
+    def __init__(self, url: str, overwrite: bool) -> None:
+        self.out_dir, self.bytes = url.rstrip("/"), 0
+        where = store.display(self.out_dir)
+        names = store.list_names(self.out_dir)  # the bucket and the credentials, checked
+        self.committed = MANIFEST in names
+        if self.committed and not overwrite:
+            raise DataError(f"{where}: shards exist there (use --overwrite to replace them)")
+        foreign = [n for n in names if n != MANIFEST and not _SHARD_NAME.fullmatch(n)]
+        if foreign:
+            raise DataError(
+                f"{where}: not a shard folder ({store.display(store.join(url, foreign[0]))} "
+                "is not a shard); the shards need a prefix of their own"
+            )
+        self.old = {n for n in names if _SHARD_NAME.fullmatch(n)}
+        if self.old and not self.committed:
+            log.warning("%s: %d shard(s) without a manifest (an upload that was cut short): "
+                        "replacing them", where, len(self.old))  # fmt: skip
+        self.uploaded: set[str] = set()
+
+    def __enter__(self) -> Path:
+        self.tmp = Path(tempfile.mkdtemp(prefix="seg-shards-"))
+        return self.tmp
+
+    def closed(self, shard: str) -> None:
+        if self.committed:  # the old manifest goes before the first shard it describes
+            store.remove([store.join(self.out_dir, MANIFEST)])
+            self.committed = False
+        local = self.tmp / shard
+        self.bytes += local.stat().st_size
+        store.put_file(local, store.join(self.out_dir, shard))
+        local.unlink()
+        self.uploaded.add(shard)
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                stale = sorted(self.old - self.uploaded)  # an earlier, longer split's tail
+                store.remove([store.join(self.out_dir, n) for n in stale])
+                store.put_file(self.tmp / MANIFEST, store.join(self.out_dir, MANIFEST))
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class _SerialPool:
@@ -314,16 +393,30 @@ def _write_manifest(path: Path, rows: list[dict], spec: DatasetSpec, split: str,
     pq.write_table(table, path, compression="zstd")
 
 
+def manifest_bytes(shard_dir: Path | str) -> bytes:
+    """The manifest file's bytes (its sha256 identifies the split: see provenance)."""
+    path = store.join(shard_dir, MANIFEST)
+    where = store.display(shard_dir)
+    return store.read_bytes(
+        path,
+        missing=f"{store.display(path)}: no manifest (is {where} a shard folder made by "
+        "`seg preprocess`?)",
+    )
+
+
 def read_manifest(shard_dir: Path | str):
     """The split's manifest as a pyarrow Table (schema metadata holds dataset and classes)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(
-            f"{path}: no manifest (is {shard_dir} a shard folder made by `seg preprocess`?)"
-        )
-    return pq.read_table(path)
+    if not store.is_url(shard_dir):
+        path = store.local(shard_dir) / MANIFEST
+        if not path.is_file():
+            raise DataError(
+                f"{path}: no manifest (is {shard_dir} a shard folder made by `seg preprocess`?)"
+            )
+        return pq.read_table(path)
+    return pq.read_table(pa.BufferReader(manifest_bytes(shard_dir)))
 
 
 def manifest_info(shard_dir: Path | str) -> dict:

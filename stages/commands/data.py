@@ -25,8 +25,11 @@ def preprocess(
     ],
     split: Annotated[str, typer.Argument(help="Split to convert: train, val or test.")],
     out: Annotated[
-        Path,
-        typer.Argument(help="Output folder for shard-*.tar and manifest.parquet (must not exist)."),
+        str,
+        typer.Argument(
+            help="Output folder for shard-*.tar and manifest.parquet (must not exist), or a "
+            "folder in an object store: s3://bucket/prefix (credentials: AWS_* variables)."
+        ),
     ],
     dataset: Annotated[
         str, typer.Option(help="Dataset layout: cityscapes, voc, vkitti2 or camvid.")
@@ -60,7 +63,9 @@ def preprocess(
 
 @cli_errors
 def stats(
-    shards: Annotated[Path, typer.Argument(help="A shard folder made by `seg preprocess`.")],
+    shards: Annotated[
+        str, typer.Argument(help="A shard folder (or s3:// URL) made by `seg preprocess`.")
+    ],
     json_out: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.errors import SegError
 from stages.errors import cli_errors
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
@@ -91,13 +92,21 @@ def train(
             )
         )
         return
-    rank = distributed.init_from_env(p.train.device).rank  # no-op outside torchrun
+    rank = distributed.init_from_env(
+        p.train.device, launch.GROUP_TIMEOUT_S
+    ).rank  # no-op outside torchrun
     try:
+        launch.check_same_params(p)  # nodes with other params.yaml files: one line, no training
         if rank == 0:
             with progress_bar("train", "loss", "lr", "img_s") as update:
                 summary = steps.train(p, resume=mode, sink=_RichProgress(update), say=say)
         else:
             summary = steps.train(p, resume=mode)
+    except Exception as exc:
+        lost = launch.lost_peer(exc)  # a node or worker died: one line, not a traceback
+        if lost is None:
+            raise
+        raise SegError(lost) from None
     finally:
         distributed.cleanup()
     if rank != 0:
@@ -118,7 +127,8 @@ def evaluate(
         Path | None, typer.Option(help="Checkpoint to score (default outputs/train/best.pt).")
     ] = None,
     shards: Annotated[
-        Path | None, typer.Option(help="Shard folder (default: the val shards).")
+        str | None,
+        typer.Option(help="Shard folder or s3://bucket/prefix URL (default: the val shards)."),
     ] = None,
     out: Annotated[
         Path | None,
@@ -166,13 +176,20 @@ def evaluate(
         args = launch.worker_args("eval", params, set_, *extra)
         _exit_with(launch.launch(launch.Topology(gpus), args, p.evaluate.device, "evaluate.device"))
         return
-    rank = distributed.init_from_env(p.evaluate.device).rank  # no-op outside torchrun
+    rank = distributed.init_from_env(
+        p.evaluate.device, launch.GROUP_TIMEOUT_S
+    ).rank  # no-op outside torchrun
     try:
         if rank == 0:
             with progress_bar("eval") as update:
                 metrics = steps.evaluate(p, checkpoint, shards, out, progress=update)
         else:
             metrics = steps.evaluate(p, checkpoint, shards, out)
+    except Exception as exc:
+        lost = launch.lost_peer(exc)
+        if lost is None:
+            raise
+        raise SegError(lost) from None
     finally:
         distributed.cleanup()
     if rank == 0:

@@ -136,8 +136,11 @@ def deploy(
     set_: SetOpt = None,
     collision: CollisionOpt = "skip",
     workdir: Annotated[
-        Path | None,
-        typer.Option(help="The project folder on the workers' machines (default: this one)."),
+        str | None,
+        typer.Option(
+            help="The project folder on the workers' machines (default: this one), or '$NAME':"
+            " the clone each worker's environment variable NAME points to."
+        ),
     ] = None,
 ) -> None:
     """Register the scheduled pipeline on a work pool; `prefect worker start --pool POOL` runs it."""
@@ -145,12 +148,14 @@ def deploy(
     from stages import flows
     from stages.progress import console
 
-    workdir = (workdir or flows.project_root()).absolute()
-    deployment_id = flows.deploy(pool, name, cron, timezone, set_, collision, workdir)
+    variable = flows.workdir_variable(workdir or "")
+    where = workdir if variable else (Path(workdir) if workdir else flows.project_root()).absolute()
+    deployment_id = flows.deploy(pool, name, cron, timezone, set_, collision, where)
+    start = f"{variable}=/path/to/clone " if variable else ""
     console.print(
         f"deployment seg-pipeline/{name} ({deployment_id}) on work pool {pool!r} at {api}: "
-        f"cron {cron!r}, one run at a time ({collision}), in {workdir}. "
-        f"Start a worker there: prefect worker start --pool {pool}",
+        f"cron {cron!r}, one run at a time ({collision}), in {where}. "
+        f"Start a worker there: {start}prefect worker start --pool {pool}",
         highlight=False,
         soft_wrap=True,
     )
