@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install
+.PHONY: demo test test-slow test-all lint install
 
 $(BIN)/seg: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,15 @@ install: $(BIN)/seg
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
+# the everyday suite (e2e runs of dvc repro and a Prefect server included): ~N min on 2 cores
 test: install
+	$(BIN)/pytest -q -m "not slow"
+
+# the fault-injection, multi-host and every-fold scenarios (minutes each); CI runs both
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+test-all: install
 	$(BIN)/pytest -q
 
 lint: install

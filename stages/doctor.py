@@ -19,7 +19,12 @@ TRAIN_PREFETCH, EVAL_PREFETCH = 4, 2
 
 
 def _free_bytes(path: Path | str) -> int | None:
-    """Free bytes on the file system that holds `path` (its nearest existing parent)."""
+    """Free bytes on the file system that holds `path` (its nearest existing parent); None
+    for an object store."""
+    from pipeline import store
+
+    if store.is_url(path):
+        return None
     path = Path(path).resolve()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -49,6 +54,7 @@ def diagnose(p: Params, gpus: int = 0) -> dict:
     the run would use (`seg train --gpus N`; 0 = one process)."""
     import torch
 
+    from pipeline import store
     from pipeline.engine.device import (
         compile_enabled,
         cpu_info,
@@ -126,11 +132,16 @@ def diagnose(p: Params, gpus: int = 0) -> dict:
         )
 
     # shards against consumers: fewer shards than ranks x workers share shards
-    shards_count = len(list(train_shards.glob("shard-*.tar"))) if train_shards.is_dir() else None
+    try:  # a local folder or a bucket's: the shards its manifest lists
+        from pipeline.data.readers import shard_urls
+
+        shards_count = len(shard_urls(train_shards))
+    except Exception:  # not written yet
+        shards_count = None
     consumers = world * max(p.train.workers, 1)
     if shards_count is not None and shards_count < consumers:
         warnings.append(
-            f"{train_shards}: {shards_count} shard(s) for {consumers} consumers (processes x "
+            f"{store.display(train_shards)}: {shards_count} shard(s) for {consumers} consumers (processes x "
             "train.workers): consumers take turns within shards; more shards "
             "(preprocess.samples_per_shard) let each read its own"
         )
@@ -140,7 +151,7 @@ def diagnose(p: Params, gpus: int = 0) -> dict:
             f"processes than the {os.cpu_count()} cores"
         )
     disk = {
-        str(p.data.shards): _gib(_free_bytes(p.data.shards)),
+        store.display(p.data.shards): _gib(_free_bytes(p.data.shards)),
         str(p.data.outputs): _gib(_free_bytes(p.data.outputs)),
     }
     return {
@@ -162,7 +173,11 @@ def diagnose(p: Params, gpus: int = 0) -> dict:
             "free_gib": _gib(shm_free),
             "loaders_need_gib": _gib(need),
         },
-        "shards": {"train": str(train_shards), "count": shards_count, "consumers": consumers},
+        "shards": {
+            "train": store.display(train_shards),
+            "count": shards_count,
+            "consumers": consumers,
+        },
         "free_disk_gib": disk,
         "warnings": warnings,
     }

@@ -35,7 +35,8 @@ from test_dvc import _copy, _env, _new_project, git
 
 from stages import flows
 
-pytestmark = pytest.mark.e2e
+# minutes of killed workers and restarted servers: `make test-slow` (and CI) runs them
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 ITERATIONS = 40
@@ -374,7 +375,13 @@ def test_worker_killed_machine_lost_server_restarted_and_nothing_lost(
         finally:
             _stop_group(worker)
         assert r.state.is_completed(), (r.state, (tmp_path / "worker-3.log").read_text()[-3000:])
-        text = _logs(c, run.id)
+
+        def evaluated() -> str:  # the run's last logs reach the server after its final state
+            text = _logs(c, run.id)
+            assert "evaluate: ran" in text, text
+            return text
+
+        text = _eventually(evaluated, timeout=30)
         notes = _stage_notes(c, run.id)
     assert f"{CONSOLE_LINE} {step2} of {ITERATIONS}" in text, text
     assert f"{CONSOLE_LINE} {step2} of {ITERATIONS}" in notes["train"], notes

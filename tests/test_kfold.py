@@ -274,6 +274,7 @@ FOLD_STAGES = ("kfold_train@0", "kfold_train@1", "kfold_eval@0", "kfold_eval@1",
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a minute of dvc repro per fold: `make test-slow` (and CI) runs it
 def test_dvc_repro_runs_every_fold_and_reruns_them_all_on_a_param_change(tmp_path):
     import yaml
     from test_dvc import _new_project, dvc, git

@@ -24,6 +24,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from conftest import tiny_params
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import FlowRunSort
@@ -31,6 +32,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from s3server import S3Server, free_port, s3  # noqa: F401
 from test_dvc import _env, _new_project
 from test_flows import _eventually, _stage_table, _start, _stop
+
+from stages import flows
 
 pytestmark = pytest.mark.e2e
 
@@ -231,6 +234,7 @@ def weights(path: Path) -> dict:
 # ----------------------------------------------------------------------------- the whole path
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (and CI) runs it
 def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_path_factory):
     t0 = time.monotonic()
     bucket = s3.make_bucket("team")
@@ -262,7 +266,9 @@ def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_p
         try:
             with get_client(sync_client=True) as client:
                 d = client.read_deployment_by_name(DEPLOYMENT)
-                assert d.job_variables == {} and d.global_concurrency_limit.limit == 1
+                # no fixed working_dir (each worker's $SEG_PROJECT), heartbeats (flows)
+                assert d.job_variables == {"env": flows.heartbeat_env()}
+                assert d.global_concurrency_limit.limit == 1
                 assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
                     "directory": "{{ $SEG_PROJECT }}"}}]  # fmt: skip
                 run_a = wait_final(client, client.create_flow_run_from_deployment(d.id).id)
@@ -377,7 +383,8 @@ def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_p
         for train in [e["data"]["params"]["params.yaml"]["data"]["train"]]
     )  # fmt: skip
     # host A's first run, host B's changed lr, the two runs triggered at once
-    assert [it for it, _ in exps] == [4, 4, 5, 6] and exps[:2] == [(4, 0.02), (4, 0.05)], exps
+    base = tiny_params()["train"]["lr"]
+    assert [it for it, _ in exps] == [4, 4, 5, 6] and exps[:2] == [(4, 0.02), (4, base)], exps
 
     # two nodes (node 0 on host A, node 1 on host B, shards from the bucket) against one node
     # with two processes and the same global batch: the same weights. First with another lr
@@ -398,7 +405,7 @@ def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_p
         text = (h.path.parent / f"{h.path.name}-node{rank}.log").read_text()
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert errors == [
-            "error: the processes have different params (train.lr=0.05 on rank 0, 0.02 on "
+            f"error: the processes have different params (train.lr={base} on rank 0, 0.02 on "
             "rank 1): every node needs the same params.yaml and -S overrides"
         ], text
         assert "Traceback" not in text, text
@@ -495,6 +502,7 @@ def _lock_md5(path: Path, out: str) -> str:
     raise AssertionError(out)
 
 
+@pytest.mark.slow  # `make test-slow` (and CI) runs it
 def test_a_killed_worker_s_next_run_starts_on_the_other_host_from_what_was_pushed(
     s3, server, tmp_path
 ):
