@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from test_dvc import DVC, REPO, _copy, _env, _new_project
 
-pytestmark = pytest.mark.e2e
+# a dvc repro with two folds, recorded: `make test-slow` (and CI) runs it
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # What `seg ...` loads to parse arguments and print; none of it changes a stage's outputs.
 PRESENTATION = ("stages/cli.py", "stages/commands/", "stages/progress.py", "stages/errors.py")

@@ -493,6 +493,7 @@ def _assert_never_overlapped(client, runs, newcomers, train) -> tuple:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `make test-slow` (and CI) runs it: a minute under a CPU load
 def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj, cpu_load):
     with temporary_settings(updates={PREFECT_API_URL: server}):
         first, newcomers, train = _overlap(server, proj, "skip")
@@ -514,6 +515,7 @@ def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj, cpu_load):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `make test-slow` (and CI) runs it: a minute under a CPU load
 def test_overlapping_scheduled_runs_queue_the_newcomer(server, proj, cpu_load):
     with temporary_settings(updates={PREFECT_API_URL: server}):
         first, newcomers, train = _overlap(server, proj, "queue")

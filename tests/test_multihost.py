@@ -439,7 +439,8 @@ def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_p
 # ----------------------------------------------------------------------------- a node dies
 
 
-@pytest.mark.parametrize("dies", [1, 0])
+# node 1 dying runs in `make test`, node 0 dying in `make test-slow` (and CI)
+@pytest.mark.parametrize("dies", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_a_node_that_dies_stops_the_other_in_one_line(s3, dies, tmp_path, monkeypatch):
     """Two nodes train from the bucket; one is killed with all its processes (as a machine
     that goes down): the other's next collective fails at once (gloo sees the connection
