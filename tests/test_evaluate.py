@@ -71,6 +71,7 @@ def test_damaged_shard_fails_seg_eval_in_one_line_without_metrics(
     assert not (proj / "outputs/eval/metrics.json").exists()
 
 
+@pytest.mark.slow  # `make test-slow` (and CI) runs it
 def test_workers_start_after_a_prefect_flow_ran_in_this_process(model_and_shards):
     """An in-process Prefect flow leaves threads behind; workers forked from such a process
     died at exit. They start from a forkserver then (pipeline.data.readers.worker_context)."""

@@ -714,6 +714,7 @@ def test_manual_dvc_repro_during_a_flow_fails_naming_what_holds_the_lock(server,
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `make test-slow` (and CI) runs it
 def test_flow_during_a_manual_dvc_repro_fails_in_one_line(server, proj):
     _set_param(proj, "train", "iterations", 6)
     log = proj.parent / "repro.log"
@@ -738,6 +739,7 @@ def test_flow_during_a_manual_dvc_repro_fails_in_one_line(server, proj):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # `make test-slow` (and CI) runs it
 def test_flow_trains_on_several_processes_when_the_stage_command_says_so(server, proj):
     """Multi-GPU under the flow is the train stage's command (`--gpus N`, torchrun); here 2
     gloo processes on CPU. DVC sees the changed command and reruns train, nothing before it."""
