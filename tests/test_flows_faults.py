@@ -32,6 +32,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from test_dvc import _copy, _env, _new_project, git
+from test_flows import _eventually
 
 from stages import flows
 
@@ -58,17 +59,6 @@ def report(case: str, detail: str) -> None:
         with open(path, "a") as f:
             f.write(json.dumps({"test": test, "case": case, "detail": detail}) + "\n")
     print(f"{case}: {detail}")
-
-
-def _eventually(check, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(every)
 
 
 class PrefectServer:
