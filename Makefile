@@ -18,7 +18,7 @@ install: $(BIN)/seg
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
-# the everyday suite (e2e runs of dvc repro and a Prefect server included): ~8 min on 2 cores
+# the everyday suite (e2e runs of dvc repro and a Prefect server included): ~6 min on 2 cores
 test: install
 	$(BIN)/pytest -q -m "not slow"
 
