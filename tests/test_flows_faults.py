@@ -40,7 +40,9 @@ from stages import flows
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-ITERATIONS = 40
+# enough steps that each fault lands mid-training however fast a step is (with 40, a quiet
+# machine once trained to the end between two polls, and the next fault found the run done)
+ITERATIONS = 120
 TRAIN = {
     "iterations": ITERATIONS, "checkpoint_interval": 5, "val_interval": 1000, "log_every": 5,
     "amp": "off",
@@ -259,8 +261,8 @@ def server(tmp_path_factory) -> Iterator[PrefectServer]:
 
 @pytest.fixture(scope="module")
 def faulted(tmp_path_factory) -> tuple[Path, float]:
-    """(a committed project whose train and evaluate are stale: 40 steps to train, the mIoU
-    those 40 steps reach when never interrupted: `dvc repro` on a copy)."""
+    """(a committed project whose train and evaluate are stale: ITERATIONS steps to train, the
+    mIoU those steps reach when never interrupted: `dvc repro` on a copy)."""
     root = tmp_path_factory.mktemp("faults")
     proj = _new_project(root / "proj", **{"train.amp": "off", "evaluate.amp": "off"})
     _dvc(proj, "repro")
@@ -269,7 +271,7 @@ def faulted(tmp_path_factory) -> tuple[Path, float]:
     raw["train"]["model"]["separable_head"] = True  # 38 MB checkpoints instead of 94 MB
     (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     git(proj, "add", "-A")
-    git(proj, "commit", "-q", "-m", "repro, then 40 steps to train")
+    git(proj, "commit", "-q", "-m", f"repro, then {ITERATIONS} steps to train")
     whole = _copy(proj, root / "whole")
     _dvc(whole, "repro")
     return proj, _miou(whole)
