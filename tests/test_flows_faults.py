@@ -2,7 +2,7 @@
 worker killed mid-training, its machine lost mid-training, the server restarted mid-training,
 and (SEG_FAULTS_LONG=1, which benchmarks/faults.sh sets) 20 queued runs in a row.
 
-Every faulted run trains the same 40 steps (a separable head, amp off) in a copy of one
+Every faulted run trains the same 120 steps (a separable head, amp off) in a copy of one
 committed project; the run never interrupted is `dvc repro` on another copy, and every
 faulted sequence must end at its mIoU. The processes these tests start get PYTHONPATH=the
 project, whose pipeline/ and stages/ are this checkout's (a clone's own code, as installed).
