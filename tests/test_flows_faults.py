@@ -33,6 +33,7 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from test_dvc import _copy, _env, _new_project, git
 from test_flows import _eventually
+from test_flows import _stop as _stop_group
 
 from stages import flows
 
@@ -109,16 +110,6 @@ class PrefectServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             _stop_group(self.proc, signal.SIGTERM)
-
-
-def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _proc_env(proj: Path, api: str, **extra: str) -> dict[str, str]:

@@ -234,19 +234,25 @@ def weights(path: Path) -> dict:
 # ----------------------------------------------------------------------------- the whole path
 
 
-@pytest.mark.slow  # minutes: `make test-slow` (and CI) runs it
-def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_path_factory):
-    t0 = time.monotonic()
-    bucket = s3.make_bucket("team")
+def host_a(tmp_path: Path, s3: S3Server, server: str, name: str) -> tuple[Host, Path, str]:
+    """(host A, a bare origin, the bucket): a project with its shards in a new bucket and its
+    DVC remote on the same server, nothing committed yet."""
+    bucket = s3.make_bucket(name)
     origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
-
-    # host A: the project, shards in the bucket, a DVC remote on the same server, origin
     a = host(tmp_path / "A", s3, server)
     _new_project(a.path, **PARAMS, **{"data.shards": f"s3://{bucket}/shards"})
     shards_in_bucket(a.path / "dvc.yaml")
     a.dvc("remote", "add", "-d", "storage", f"s3://{bucket}/dvc")
     a.dvc("remote", "modify", "storage", "endpointurl", s3.endpoint)
+    return a, origin, bucket
+
+
+@pytest.mark.slow  # minutes: `make test-slow` (and CI) runs it
+def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_path_factory):
+    t0 = time.monotonic()
+    # host A: the project, shards in the bucket, a DVC remote on the same server, origin
+    a, origin, bucket = host_a(tmp_path, s3, server, "team")
     a.git("add", "-A")
     a.git("commit", "-q", "-m", "shards and DVC remote in S3")
     a.git("remote", "add", "origin", f"file://{origin}")
@@ -507,14 +513,7 @@ def _lock_md5(path: Path, out: str) -> str:
 def test_a_killed_worker_s_next_run_starts_on_the_other_host_from_what_was_pushed(
     s3, server, tmp_path
 ):
-    bucket = s3.make_bucket("killed")
-    origin = tmp_path / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
-    a = host(tmp_path / "A", s3, server)
-    _new_project(a.path, **PARAMS, **{"data.shards": f"s3://{bucket}/shards"})
-    shards_in_bucket(a.path / "dvc.yaml")
-    a.dvc("remote", "add", "-d", "storage", f"s3://{bucket}/dvc")
-    a.dvc("remote", "modify", "storage", "endpointurl", s3.endpoint)
+    a, origin, bucket = host_a(tmp_path, s3, server, "killed")
     a.dvc("repro")
     a.git("add", "-A")
     a.git("commit", "-q", "-m", "first results")
