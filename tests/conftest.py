@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,10 @@ needs_sample = pytest.mark.skipif(
     not SAMPLE_ROOT.is_dir(), reason=f"the real Cityscapes frame is not at {SAMPLE_ROOT}"
 )
 
-# Prefect must never touch the user's ~/.prefect from tests.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+# Prefect must never touch the user's ~/.prefect from tests (a folder of the session's own).
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 # A flow run in a test without PREFECT_API_URL starts Prefect's ephemeral server on a new
 # database: 30-37 s on a busy 2-core machine, and Prefect waits 20 s by default; 120 s as
 # `seg flow` gives it (stages.flows.EPHEMERAL_STARTUP_S). Set before prefect is imported.
@@ -132,6 +137,24 @@ def _trained(path: Path) -> Path:
     finally:
         os.chdir(cwd)
     return path
+
+
+@pytest.fixture(scope="module")
+def scratch(request, tmp_path_factory) -> Iterator[Callable[[str], Path]]:
+    """`scratch(name)`: a new folder for a module's fixtures, removed when the module ends if no
+    test has failed so far (as pytest's `tmp_path_retention_policy = "failed"` does for a
+    passed test's tmp_path). Without it a module's projects, shards and checkpoints stayed on
+    disk to the end of the session: 10 GB and more, and CI's disk filled up."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == 0:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

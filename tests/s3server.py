@@ -116,9 +116,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> Iterator[S3Server]:
+def s3(scratch) -> Iterator[S3Server]:
     """A moto S3 server for the module (import this fixture into a test module)."""
-    proc, server = start(tmp_path_factory.mktemp("s3"))
+    proc, server = start(scratch("s3"))
     try:
         yield server
     finally:

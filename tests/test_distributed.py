@@ -41,10 +41,10 @@ def _seg(*args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def proj(tmp_path_factory) -> Path:
+def proj(scratch) -> Path:
     """A tiny project: shrunk params.yaml, synthetic frames, train and val shards."""
     return make_project(
-        tmp_path_factory.mktemp("ddp") / "proj",
+        scratch("ddp") / "proj",
         **{"synth.train": 8, "synth.val": 4, "train.batch_size": 4, "train.val_interval": 4},
         **{"train.device": "cpu", "evaluate.batch_size": 1},
     )
@@ -190,9 +190,9 @@ def test_two_process_eval_equals_one_process(trained: Path, proj: Path, tmp_path
 
 
 @pytest.fixture(scope="module")
-def half(proj: Path, tmp_path_factory) -> Path:
+def half(proj: Path, scratch) -> Path:
     """A 2-process run stopped after step 2 (its checkpoint): the outputs folder."""
-    tmp = tmp_path_factory.mktemp("half")
+    tmp = scratch("half")
     worker = tmp / "train_until.py"
     worker.write_text(
         "import sys\n"

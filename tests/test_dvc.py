@@ -141,9 +141,9 @@ STAGES = ("synth", "preprocess@train", "preprocess@val", "train", "evaluate")
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(scratch) -> Path:
     """`dvc repro` run once, its results committed (shared, read-only: copy before changing)."""
-    path = _new_project(tmp_path_factory.mktemp("dvc") / "proj", **LEARN)
+    path = _new_project(scratch("dvc") / "proj", **LEARN)
     out = dvc(path, "repro").stdout
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out, out

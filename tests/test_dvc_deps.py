@@ -52,12 +52,12 @@ def _run(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory) -> tuple[Path, dict[str, set[str]]]:
+def recorded(scratch) -> tuple[Path, dict[str, set[str]]]:
     """A project after `dvc repro`, then `dvc repro` with 2 folds (so the k-fold stages run
     too), committed, and the project files each stage loaded (relative to the repository)."""
     import yaml
 
-    base = tmp_path_factory.mktemp("deps")
+    base = scratch("deps")
     proj = _new_project(base / "proj")
     hook, out = base / "hook", base / "modules"
     hook.mkdir()

@@ -45,9 +45,9 @@ def checkpoint(trained_project) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(checkpoint, tmp_path_factory) -> dict[str, Path]:
+def exported(checkpoint, scratch) -> dict[str, Path]:
     """The checkpoint exported by the CLI in every format (checked on the real frame)."""
-    folder = tmp_path_factory.mktemp("exported")
+    folder = scratch("exported")
     files = {}
     for fmt in FORMATS:
         out = folder / f"model{SUFFIXES[fmt]}"
@@ -63,11 +63,11 @@ def exported(checkpoint, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def frame_full(tmp_path_factory) -> Path:
+def frame_full(scratch) -> Path:
     """The real Cityscapes frame (128x256 in shared/) bilinearly upscaled to 1024x2048."""
     if not FRAME.is_file():
         pytest.skip(f"{FRAME} (shared data) is absent")
-    folder = tmp_path_factory.mktemp("frame")
+    folder = scratch("frame")
     image = resize_image(read_image(FRAME)[0], FULL).permute(1, 2, 0).numpy()
     path = folder / FRAME.name
     Image.fromarray(image).save(path)

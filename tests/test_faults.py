@@ -49,9 +49,9 @@ def _same(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(scratch) -> dict[str, Path]:
     """{"whole": a 6-step run never interrupted, "stopped": the same run stopped after step 4}."""
-    base = make_project(tmp_path_factory.mktemp("faults") / "base", **AMP_OFF)
+    base = make_project(scratch("faults") / "base", **AMP_OFF)
     stopped = base.parent / "stopped"
     shutil.copytree(base, stopped)
     cwd = os.getcwd()

@@ -74,10 +74,10 @@ def _eventually(check: Callable[[], object], timeout: float = 30.0, every: float
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
+def server(scratch) -> Iterator[str]:
     """A real `prefect server start` on a free loopback port, with its own home and database.
     A queued run retries for its slot every 2 s (default 30 s), to keep the test short."""
-    home = tmp_path_factory.mktemp("prefect-server")
+    home = scratch("prefect-server")
     port = _free_port()
     env = {
         **os.environ,
@@ -114,9 +114,9 @@ def server(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def base(scratch) -> Path:
     """A tiny project after `dvc repro`, committed: everything up to date (copy it first)."""
-    path = _new_project(tmp_path_factory.mktemp("flows") / "proj")
+    path = _new_project(scratch("flows") / "proj")
     dvc(path, "repro")
     git(path, "add", "-A")
     git(path, "commit", "-q", "-m", "dvc repro")

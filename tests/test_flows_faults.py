@@ -241,8 +241,8 @@ def _consistent(proj: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[PrefectServer]:
-    s = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+def server(scratch) -> Iterator[PrefectServer]:
+    s = PrefectServer(scratch("prefect-server"))
     s.start()
     try:
         yield s
@@ -251,10 +251,10 @@ def server(tmp_path_factory) -> Iterator[PrefectServer]:
 
 
 @pytest.fixture(scope="module")
-def faulted(tmp_path_factory) -> tuple[Path, float]:
+def faulted(scratch) -> tuple[Path, float]:
     """(a committed project whose train and evaluate are stale: ITERATIONS steps to train, the
     mIoU those steps reach when never interrupted: `dvc repro` on a copy)."""
-    root = tmp_path_factory.mktemp("faults")
+    root = scratch("faults")
     proj = _new_project(root / "proj", **{"train.amp": "off", "evaluate.amp": "off"})
     _dvc(proj, "repro")
     raw = yaml.safe_load((proj / "params.yaml").read_text())

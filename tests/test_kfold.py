@@ -146,13 +146,13 @@ def test_summary_is_mean_and_sample_std():
 
 
 @pytest.fixture(scope="module")
-def kfold_project(tmp_path_factory) -> Path:
+def kfold_project(scratch) -> Path:
     """Synthetic scenes (3 cities x 2 train frames), 2 folds trained 2 steps each, evaluated,
     summarized through the stage functions that `seg kfold` and dvc.yaml call."""
     from stages import steps
 
     overrides = {"data.folds": 2, "data.fold_ids": [0, 1], "train.iterations": 2}
-    path = make_project(tmp_path_factory.mktemp("kfold"), **overrides)
+    path = make_project(scratch("kfold"), **overrides)
     cwd = os.getcwd()
     os.chdir(path)
     try:

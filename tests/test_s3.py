@@ -130,8 +130,9 @@ write_shards(sys.argv[1], "train", sys.argv[2], samples_per_shard=1, progress=pr
 """
 
 
-def _killed_upload(s3, root: Path, url: str, overwrite: bool) -> None:
-    env = {**os.environ, **s3.env(), "PYTHONPATH": str(REPO)}
+def _killed_upload(s3, root: Path, url: str, overwrite: bool, tmp: Path) -> None:
+    # a SIGKILL leaves the staging folder (tempfile's) behind: in the test's tmp_path, not /tmp
+    env = {**os.environ, **s3.env(), "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
     mode = "overwrite" if overwrite else "new"
     proc = subprocess.run(
         [sys.executable, "-c", _KILL_AFTER, str(root), url, mode], env=env, capture_output=True
@@ -139,11 +140,11 @@ def _killed_upload(s3, root: Path, url: str, overwrite: bool) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
 
 
-def test_a_killed_upload_leaves_no_manifest_and_the_rerun_replaces_it(s3_env, tiny_root):
+def test_a_killed_upload_leaves_no_manifest_and_the_rerun_replaces_it(s3_env, tiny_root, tmp_path):
     s3 = s3_env
     bucket = _bucket(s3, "killed")
     url = f"s3://{bucket}/shards/train"
-    _killed_upload(s3, tiny_root, url, overwrite=False)
+    _killed_upload(s3, tiny_root, url, overwrite=False, tmp=tmp_path)
     assert s3.keys(bucket) == ["shards/train/shard-000000.tar"]  # uploaded, uncommitted
     for read in (read_manifest, EvalReader, TrainStream):
         with pytest.raises(DataError, match=re.escape(f"{url}/{MANIFEST}: no manifest")):
@@ -158,7 +159,7 @@ def test_a_killed_upload_leaves_no_manifest_and_the_rerun_replaces_it(s3_env, ti
     # removed the old manifest first: no manifest ever describes other shards
     with pytest.raises(DataError, match=re.escape(f"{url}: shards exist there")):
         write_shards(tiny_root, "train", url)
-    _killed_upload(s3, tiny_root, url, overwrite=True)
+    _killed_upload(s3, tiny_root, url, overwrite=True, tmp=tmp_path)
     assert f"shards/train/{MANIFEST}" not in s3.keys(bucket)
     write_shards(tiny_root, "train", url, samples_per_shard=4)
     assert len(s3.keys(bucket)) == 3  # the killed run's extra shard is gone again

@@ -72,13 +72,13 @@ def without_ignored_vehicles(pred: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> tuple[Path, Path, Path]:
+def tree(scratch) -> tuple[Path, Path, Path]:
     """A gtFine tree (the real frame + 3 generated ones in two cities), a prediction folder with
     nested subfolders and names that only start with the frame id, and a copy of it whose
     predictions still hold the caravan/trailer ids that shifting the ground truth brought in."""
     if not SAMPLE.is_dir():
         pytest.skip(f"the real Cityscapes frame is not at {SAMPLE}")
-    root = tmp_path_factory.mktemp("cs")
+    root = scratch("cs")
     gt_root, pred_dir, raw_dir = root / "cityscapes", root / "results", root / "raw"
     rng = np.random.default_rng(0)
     src = SAMPLE / "gtFine" / "val" / "frankfurt"

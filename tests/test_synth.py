@@ -31,8 +31,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("synth") / "cityscapes"
+def synth_root(scratch) -> tuple[Path, dict]:
+    root = scratch("synth") / "cityscapes"
     calls = []
     summary = generate_cityscapes(
         root,

@@ -14,8 +14,8 @@ _SYNCS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__inde
 
 
 @pytest.fixture(scope="module")
-def proj(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("loop") / "p")
+def proj(scratch):
+    return make_project(scratch("loop") / "p")
 
 
 def _count_syncs(monkeypatch, run) -> int:
