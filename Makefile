@@ -18,11 +18,11 @@ install: $(BIN)/seg
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
-# the everyday suite (e2e runs of dvc repro and a Prefect server included): ~6 min on 2 cores
+# the everyday suite (e2e runs of dvc repro and a Prefect server included): ~11 min on 2 AVX2 cores
 test: install
 	$(BIN)/pytest -q -m "not slow"
 
-# the fault-injection, multi-host and every-fold scenarios (minutes each); CI runs both
+# the fault-injection, multi-host and every-fold scenarios (~25 min in all); CI runs both
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
