@@ -45,12 +45,12 @@ PARAMS = {"train.amp": "off", "evaluate.amp": "off"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(scratch):
     """A real `prefect server start` on a free loopback port, its own home and database. A
     queued run retries for its slot every 2 s (default 30 s)."""
     import httpx
 
-    home = tmp_path_factory.mktemp("prefect-server")
+    home = scratch("prefect-server")
     port = free_port()
     env = {
         **os.environ,
