@@ -19,12 +19,22 @@ and service users unable to read each other's results.
 
 A full disk (ENOSPC, or EDQUOT: over quota) while writing raises `DiskFull` naming the final
 path; the temporary file is removed and the final path keeps its old content.
+
+Leftovers: a writer killed mid-write (SIGKILL, a lost machine) cannot remove its temporary
+file or folder. Each writer holds an flock on its temporary while it writes (the kernel drops
+it when the process dies, on any host of a shared file system that honours flock), and the
+next writer of the same final path removes the temporaries nobody holds (`sweep`) before it
+starts; a live writer's are left alone. A folder replaced halfway (`.NAME.old-*` holding the
+previous folder, nothing at NAME) is put back, not removed. Git ignores all of them
+(.gitignore: `.*.tmp`, `.*.tmp-*`, `.*.old-*`, ...).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -78,26 +88,91 @@ def disk_full_error(path: Path | str, exc: BaseException | None = None, part: st
     return DiskFull(f"{path}: {why}{writing}; it was left as it was: free space and run again")
 
 
+# temporaries being written by this process -> the fd that holds their flock
+_held: dict[str, int] = {}
+
+
+def _hold(tmp: Path) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held[str(tmp)] = fd
+
+
+def _release(tmp: Path) -> None:
+    fd = _held.pop(str(tmp), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _leftover(path: Path) -> re.Pattern:
+    """The names of the temporaries of writes to `path`: `.NAME.<hex>[.ext]` files,
+    `.NAME.tmp-<hex>` and `.NAME.old-<hex>` folders."""
+    name = re.escape(path.name)
+    return re.compile(rf"\.{name}\.(?:[0-9a-f]{{8}}(?:\..*)?|(tmp|old)-[0-9a-f]{{8}})")
+
+
+def sweep(path: Path | str) -> list[Path]:
+    """Remove what killed writers of `path` left next to it (temporaries nobody holds a lock
+    on); a folder replaced halfway, whose previous version sits in `.NAME.old-*` while NAME
+    is missing, is put back first. Returns the paths removed (or put back)."""
+    path = Path(path)
+    pattern = _leftover(path)
+    try:
+        names = [n for n in os.listdir(path.parent) if pattern.fullmatch(n)]
+    except FileNotFoundError:
+        return []
+    done = []
+    for name in sorted(names):
+        tmp = path.parent / name
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live writer's
+            os.close(fd)
+            continue
+        try:
+            kept = tmp / path.name
+            if pattern.fullmatch(name).group(1) == "old" and kept.exists() and not path.exists():
+                os.replace(kept, path)  # the user's previous folder, never lost
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            done.append(tmp)
+        finally:
+            os.close(fd)
+    return done
+
+
 def _new_file(path: Path, suffix: str) -> Path:
     """A new empty file next to `path`, created as `open()` creates one (mode 0o666 less the
-    umask), under a name nothing else uses."""
+    umask), under a name nothing else uses, locked by this process (`sweep`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep(path)
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            _hold(tmp)
             return tmp
         except FileExistsError:
             continue
 
 
 def _new_dir(path: Path, kind: str) -> Path:
-    """A new empty folder next to `path`, with `mkdir`'s mode (0o777 less the umask)."""
+    """A new empty folder next to `path`, with `mkdir`'s mode (0o777 less the umask), locked
+    by this process (`sweep`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "tmp":  # the start of a write (`old` comes at its end)
+        sweep(path)
     while True:
         tmp = path.parent / f".{path.name}.{kind}-{secrets.token_hex(4)}"
         try:
             tmp.mkdir(0o777)
+            _hold(tmp)
             return tmp
         except FileExistsError:
             continue
@@ -107,6 +182,7 @@ def _commit(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     replace(tmp, path)
+    _release(tmp)
 
 
 @contextmanager
@@ -121,6 +197,7 @@ def atomic_path(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
         _commit(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _release(tmp)
         if disk_full(exc):
             raise disk_full_error(path, exc) from None
         raise
@@ -146,9 +223,11 @@ def atomic_files() -> Iterator[Callable[..., Path]]:
                 os.fsync(f.fileno())
         for tmp, path in made:
             replace(tmp, path)
+            _release(tmp)
     except BaseException as exc:
         for tmp, _ in made:
             tmp.unlink(missing_ok=True)
+            _release(tmp)
         if disk_full(exc):
             name = getattr(exc, "filename", None)
             failed = next((p for t, p in made if str(t) == str(name)), None)
@@ -180,22 +259,27 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     removed. A full disk raises DiskFull naming `path` (and the file being written)."""
     path = Path(path)
     tmp = _new_dir(path, "tmp")
+    old = None
     try:
         yield tmp
-        old = None
         if path.exists():
             old = _new_dir(path, "old")
             os.replace(path, old / path.name)
         try:
             replace(tmp, path)
+            _release(tmp)
         except BaseException:
             if old is not None:  # put the user's folder back
                 os.replace(old / path.name, path)
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+            _release(old)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _release(tmp)
+        if old is not None:
+            _release(old)
         if disk_full(exc):
             name = getattr(exc, "filename", None)
             raise disk_full_error(path, exc, Path(name).name if name else "") from None

@@ -65,6 +65,21 @@ def _same_place(recorded: str, shard_dir: Path | str) -> bool:
     return not store.is_url(recorded) and Path(recorded) == Path(shard_dir)
 
 
+def run_info() -> dict | None:
+    """The flow run this result belongs to, when a flow started the stage (SEG_RUN: its
+    name, commit, overrides, host, experiment; stages/flows.py), else None."""
+    import json
+    import os
+
+    text = os.environ.get("SEG_RUN")
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
 def hardware() -> dict:
     info = {
         "platform": platform.platform(),

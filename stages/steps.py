@@ -152,8 +152,8 @@ class _Log:
     else a plain `train_log.jsonl` (a lean GPU node without the orchestration extra); plus an
     optional sink (the CLI's progress bar)."""
 
-    def __init__(self, out: Path, resume: bool, sink=None) -> None:
-        self.sink = sink
+    def __init__(self, out: Path, resume: bool, sink=None, store: RunStore | None = None) -> None:
+        self.sink, self.store = sink, store
         try:
             from dvclive import Live
         except ImportError:
@@ -193,9 +193,72 @@ class _Log:
         if self.sink:
             self.sink.on_eval(step, metrics)
 
+    def on_checkpoint(self, path: Path, step: int) -> None:
+        if self.store is not None:
+            self.store.push(path, step)
+
     def close(self) -> None:
         if self.live is not None:
             self.live.end()
+
+
+@dataclasses.dataclass
+class RunStore:
+    """The run store of `seg train` under a flow (SEG_RUN_STORE, SEG_RUN_NAME: set by the
+    flow for its stages): where each checkpoint is copied while training, and where the next
+    run of the same work starts from (pipeline/engine/runstore.py)."""
+
+    where: str
+    run: str
+
+    @classmethod
+    def from_env(cls) -> RunStore | None:
+        where = os.environ.get("SEG_RUN_STORE")
+        return cls(where, os.environ.get("SEG_RUN_NAME", "")) if where else None
+
+    def push(self, path: Path, step: int) -> None:
+        from pipeline import store
+        from pipeline.engine import runstore
+
+        copy = runstore.push(path, self.where, step, self.run)
+        runstore.prune(self.where, self.run, copy)
+        log.info("checkpoint at step %d pushed to %s", step, store.display(copy.url))
+
+    def adopt(self, last: Path, p: Params) -> list[str]:
+        """The newest copy in the store that loads and continues with these params, as
+        last.pt, when it is further along than the last.pt here (a new workspace has its
+        commit's, or none). Returns the line that says so (or none)."""
+        from pipeline import store
+        from pipeline.atomic import atomic_path
+        from pipeline.engine import checkpoint, runstore
+        from pipeline.errors import DamagedCheckpoint
+
+        here = -1
+        if last.is_file():
+            with contextlib.suppress(DamagedCheckpoint):
+                ckpt = checkpoint.load(last)
+                if _why_not_resumable(ckpt, p) is None:
+                    here = int(ckpt["step"])
+        notes = []
+        for copy in runstore.copies(self.where):
+            if copy.step <= here:
+                break
+            try:
+                with atomic_path(last, suffix=".pt") as tmp:
+                    runstore.fetch(copy, tmp)
+                    why = _why_not_resumable(checkpoint.load(tmp), p)
+                    if why:
+                        raise _Unfit(why)
+            except (DamagedCheckpoint, _Unfit) as exc:
+                notes.append(f"{store.display(copy.url)}: {exc}; skipped")
+                continue
+            return [*notes, f"fetched {store.display(copy.url)} (step {copy.step}, pushed by "
+                    f"run {copy.run}) as {last}"]  # fmt: skip
+        return notes
+
+
+class _Unfit(Exception):
+    """A stored checkpoint that does not continue with these params."""
 
 
 def train(
@@ -227,12 +290,18 @@ def train(
         out, train_src, val_src, counts, same_folds = _fold_training(p, fold, strict)
         resume = resume if same_folds else Resume.NEW
     main = rank_world()[0] == 0  # under torchrun only rank 0 logs and writes
-    plan = plan_resume(out / "last.pt", p, resume, set_aside=main)
+    run_store = RunStore.from_env() if fold is None else None
+    plan = None
+    if main:  # rank 0 decides where the run starts; the other processes follow it
+        fetched = run_store.adopt(out / "last.pt", p) if run_store and resume is Resume.AUTO else []
+        plan = plan_resume(out / "last.pt", p, resume)
+        plan.notes[:0] = fetched
+    plan = agree_on_resume(plan)
     for note in plan.notes:
         log.info("%s", note)
         if main and say is not None:
             say(note)
-    logger = _Log(out, plan.checkpoint is not None, sink) if main else None
+    logger = _Log(out, plan.checkpoint is not None, sink, run_store) if main else None
     try:
         result = train(
             p.train, train_src, val_src, out, get_spec(p.data.dataset), class_counts=counts,
@@ -318,6 +387,8 @@ def evaluate(
         # what evaluation and training resolved to (precision and why, device, CPU, versions)
         "working_point": working_point(device, prec, loader_workers=e.workers),
         "train_working_point": ckpt.get("working_point"),
+        # the flow run (commit, overrides, experiment, host) when a flow ran this stage
+        "run": provenance.run_info(),
     }
     if fold_info is not None:
         metrics["provenance"]["fold"] = fold_info
@@ -539,10 +610,45 @@ def plan_resume(last: Path, p: Params, mode: Resume, set_aside: bool = True) -> 
     return ResumePlan(None, [*notes, f"starting a new run: {last.parent}: {why}"])
 
 
+def agree_on_resume(plan: ResumePlan | None) -> ResumePlan:
+    """Under torchrun, every process continues what rank 0 decided (`plan`, None on the
+    others): the same checkpoint, checked by its sha256, or a new run. A process whose disk
+    lacks that checkpoint, or holds another file under its name (another node after a
+    crash), gets rank 0's bytes. One process: `plan` as it is."""
+    from pipeline.atomic import atomic_path
+    from pipeline.engine.checkpoint import sha256_file
+    from pipeline.engine.distributed import broadcast_object, gather_objects, rank_world
+
+    rank, world = rank_world()
+    if world == 1:
+        assert plan is not None
+        return plan
+    decision = None
+    if rank == 0:
+        assert plan is not None
+        ckpt = plan.checkpoint
+        decision = {"notes": plan.notes, "path": str(ckpt) if ckpt else None,
+                    "sha256": sha256_file(ckpt) if ckpt else None}  # fmt: skip
+    decision = broadcast_object(decision)
+    if decision["path"] is None:
+        return ResumePlan(None, decision["notes"])
+    path = Path(decision["path"])
+    have = path.is_file() and sha256_file(path) == decision["sha256"]
+    if not all(gather_objects(have)):
+        data = broadcast_object(path.read_bytes() if rank == 0 else None)
+        if not have:
+            with atomic_path(path, suffix=".pt") as tmp:
+                tmp.write_bytes(data)
+            log.info("rank %d: %s from rank 0 (sha256 %s)", rank, path, decision["sha256"])
+    return ResumePlan(path, decision["notes"])
+
+
 def is_train_note(line: str) -> bool:
     """Is this output line of `seg train` one of plan_resume's notes? (The flows put them in
     the run's stage table.)"""
-    return line.startswith(("resumed from ", "starting a new run")) or "; kept aside as " in line
+    return line.startswith(("resumed from ", "starting a new run", "fetched ")) or (
+        "; kept aside as " in line
+    )
 
 
 def _why_not_resumable(ckpt: dict, p: Params) -> str | None:

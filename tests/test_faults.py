@@ -393,3 +393,73 @@ def test_full_disk_eval(runs, tmp_path, monkeypatch, small_disk):
     assert _snapshot(out) == before and _temporaries(small_disk) == []
     filler.unlink()
     assert runner.invoke(app, args).exit_code == 0
+
+
+# ----------------------------------------------------------------------------- killed writes
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from pipeline.atomic import atomic_dir, atomic_path
+kind, target = sys.argv[1], Path(sys.argv[2])
+with (atomic_path(target, suffix=".pt") if kind == "file" else atomic_dir(target)) as tmp:
+    (tmp / "shard-000000.tar" if kind == "dir" else tmp).write_bytes(b"half written")
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def _killed_writer(kind: str, target: Path) -> Path:
+    """A process writing `target` (a checkpoint, a shard folder) through pipeline.atomic,
+    SIGKILLed mid-write: returns the temporary it left. While it lived, a sweep by another
+    writer left its temporary alone."""
+    proc = subprocess.Popen(
+        [os.sys.executable, "-c", _HOLD, kind, str(target)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    tmp = Path(proc.stdout.readline().strip())
+    from pipeline.atomic import sweep
+
+    assert tmp.exists() and sweep(target) == [] and tmp.exists()  # a live writer's
+    proc.kill()
+    proc.wait()
+    return tmp
+
+
+def test_killed_writes_leave_nothing_after_the_next_start(tmp_path, monkeypatch):
+    """A checkpoint save and a preprocess killed mid-write: git ignores what they left, and the
+    next `seg train` / `seg preprocess` of the same outputs removes it before it starts."""
+    proj = make_project(tmp_path / "proj", **AMP_OFF)
+    for name in (".gitignore",):
+        shutil.copy(Path(__file__).resolve().parents[1] / name, proj / name)
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=proj, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+                   cwd=proj, check=True)  # fmt: skip
+    last = proj / "outputs" / "train" / "last.pt"
+    shards = proj / "data" / "shards" / "train"
+    left = [_killed_writer("file", last), _killed_writer("dir", shards)]
+    assert all(p.exists() for p in left)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=proj, capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    assert all(p.name not in status for p in left), status
+    monkeypatch.chdir(proj)
+    p = steps.load("params.yaml", ["train.iterations=2"])
+    steps.train(p)
+    steps.preprocess(p.data.root, "train", shards, samples_per_shard=4, workers=1, overwrite=True)
+    assert not any(p.exists() for p in left), left
+    assert sorted(x.name for x in last.parent.iterdir() if x.name.startswith(".")) == []
+    assert sorted(x.name for x in shards.parent.iterdir() if x.name.startswith(".")) == []
+
+
+def test_a_folder_replaced_halfway_is_put_back_not_removed(tmp_path):
+    """Killed between moving the old folder aside and renaming the new one in: nothing at the
+    final path, the user's folder in `.NAME.old-*`. The next write puts it back first."""
+    from pipeline.atomic import sweep
+
+    target = tmp_path / "shards"
+    aside = tmp_path / ".shards.old-0123abcd"
+    (aside / "shards").mkdir(parents=True)
+    (aside / "shards" / "manifest.parquet").write_text("the user's")
+    assert sweep(target) == [aside]
+    assert (target / "manifest.parquet").read_text() == "the user's" and not aside.exists()

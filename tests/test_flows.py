@@ -3,7 +3,9 @@
 A module-scoped project runs `dvc repro` once on `tiny_params()` and is committed; every test
 works on a copy. Scheduled runs come from a real `seg serve` (cron with a seconds field, so
 runs fall seconds apart, or runs made due at a chosen time), work-pool runs from a real
-`prefect worker start`.
+`prefect worker start`. A deployment's run works in a workspace of its own at the project's
+committed tip and leaves the project as it was, but for the experiment it adds; `seg flow`
+runs in the project itself.
 """
 
 from __future__ import annotations
@@ -371,6 +373,7 @@ def test_unknown_stage_and_missing_project_fail_in_one_line(proj, tmp_path, monk
 def test_scheduled_run_with_nothing_changed_skips_every_stage(server, proj):
     ckpt = {name: _fingerprint(proj / "outputs/train" / name) for name in ("last.pt", "best.pt")}
     lock = (proj / "dvc.lock").read_text()
+    before = _project_state(proj)
     serve = _serve(proj, server, "idle")
     try:
         with temporary_settings(updates={PREFECT_API_URL: server}):
@@ -388,10 +391,11 @@ def test_scheduled_run_with_nothing_changed_skips_every_stage(server, proj):
                 _stop(serve)
                 assert run.state.is_completed(), run.state
                 # from the time the schedule set to the end: picking it up, starting a
-                # process, six `dvc status` and the metrics artifacts
+                # process, its workspace (git, outputs linked from the cache), eight `dvc
+                # status`, the experiment saved into the project, the metrics artifacts
                 took = (run.end_time - run.expected_start_time).total_seconds()
                 print(f"no-change scheduled run: {took:.1f} s after its scheduled time")
-                assert took < 30, took
+                assert took < 60, took
                 assert _eventually(lambda: _stage_table(client, run.id)) == {
                     s: "up to date" for s in STAGES
                 }
@@ -407,6 +411,10 @@ def test_scheduled_run_with_nothing_changed_skips_every_stage(server, proj):
     assert {n: _fingerprint(proj / "outputs/train" / n) for n in ckpt} == ckpt
     assert (proj / "dvc.lock").read_text() == lock
     _assert_consistent(proj)
+    _unchanged(proj, before)
+    # the run is an experiment of the project's commit, with its params
+    (exp,) = _experiments(proj).values()
+    assert exp["params"] == yaml.safe_load((proj / "params.yaml").read_text())
 
 
 @pytest.fixture
@@ -436,6 +444,7 @@ def _overlap(server: str, proj: Path, collision: str) -> tuple:
     (first, newcomers, the first's train task run), all ended, and stops serving. The
     deployment's own cron never fires during the test."""
     _set_param(proj, "train", "iterations", 6)
+    git(proj, "commit", "-q", "-am", "6 iterations")  # a run takes the branch's tip
     serve = _serve(proj, server, collision, "--collision", collision, cron="0 0 1 1 *")
     try:
         with get_client(sync_client=True) as client:
@@ -492,6 +501,12 @@ def _assert_never_overlapped(client, runs, newcomers, train) -> tuple:
     return first_span
 
 
+def _trained_six(proj: Path) -> list[dict]:
+    """The project's experiments that trained the committed 6 iterations."""
+    exps = _experiments(proj).values()
+    return [e for e in exps if e["params"]["train"]["iterations"] == 6]
+
+
 @pytest.mark.e2e
 @pytest.mark.slow  # `make test-slow` (and CI) runs it: a minute under a CPU load
 def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj, cpu_load):
@@ -509,9 +524,10 @@ def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj, cpu_load):
                 assert r.run_count == 0 and not _running(client, r)
             table = _eventually(lambda: _stage_table(client, first.id))
     assert table == {s: "ran" if s == "train" else "up to date" for s in TRAIN_PLAN}
-    # the first run's outputs are whole and recorded in dvc.lock (params and evaluate: not
-    # asked for)
-    _assert_consistent(proj, stale=("params", "evaluate"))
+    # the first run is the one experiment; the project itself is as committed
+    assert len(_trained_six(proj)) == 1, _experiments(proj)
+    assert not list(proj.glob(".dvc/tmp/seg/runs/*"))
+    assert git(proj, "status", "--porcelain") == ""
 
 
 @pytest.mark.e2e
@@ -532,13 +548,15 @@ def test_overlapping_scheduled_runs_queue_the_newcomer(server, proj, cpu_load):
                 assert waits and min(waits) < first_end, _describe(client, runs)
                 (span,) = _running(client, r)
                 assert span[0] >= first_end
-                # and found everything up to date: the first run's results stand
+                # and found everything up to date: the first run's experiment, of the same
+                # commit and params, was reused
                 assert _eventually(lambda r=r: _stage_table(client, r.id)) == {
                     s: "up to date" for s in TRAIN_PLAN
                 }
-    best = proj / "outputs/train/best.pt"
-    assert best.stat().st_mtime < first_end.timestamp()  # the first run trained it
-    _assert_consistent(proj, stale=("params", "evaluate"))
+    # one experiment a run, all of the committed params; the project itself as committed
+    assert len(_trained_six(proj)) == 1 + NEWCOMERS, _experiments(proj)
+    assert not list(proj.glob(".dvc/tmp/seg/runs/*"))
+    assert git(proj, "status", "--porcelain") == ""
 
 
 @pytest.mark.e2e
@@ -559,7 +577,8 @@ def test_changed_param_reruns_train_and_evaluate_as_an_experiment(server, proj):
                 sort=FlowRunSort.START_TIME_DESC,
             )
             assert run.parameters == {
-                "targets": None, "overrides": ["train.lr=0.02"], "log_every": 2
+                "targets": None, "overrides": ["train.lr=0.02"], "log_every": 2,
+                "commit": None, "branch": None, "limits": None,
             }  # fmt: skip
             table = _eventually(lambda: _stage_table(client, run.id))
 
@@ -642,7 +661,10 @@ def test_deployment_on_a_process_work_pool_runs_on_a_worker(server, proj, tmp_pa
                 assert d.work_pool_name == pool
                 assert d.job_variables == {
                     "working_dir": str(proj),
-                    "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"},  # zombie-run detection
+                    "env": {
+                        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",  # zombie-run detection
+                        "PREFECT_UI_URL": server.removesuffix("/api"),  # no credentials
+                    },
                 }
                 assert d.entrypoint == "stages.flows.pipeline_flow"
                 assert d.global_concurrency_limit.limit == 1
@@ -671,12 +693,43 @@ def test_deployment_on_a_process_work_pool_runs_on_a_worker(server, proj, tmp_pa
 
 
 def _rwlock_holder(proj: Path, out: str) -> dict | None:
-    """Who holds DVC's write lock on `out` (a stage that writes it is running), if anyone."""
-    try:
-        lock = json.loads((proj / ".dvc" / "tmp" / "rwlock").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return next((v for k, v in lock.get("write", {}).items() if k.endswith(out)), None)
+    """Who holds DVC's write lock on `out` (a stage that writes it is running), if anyone: in
+    the project itself, or in the workspace of one of its deployment's runs."""
+    for rwlock in [proj / ".dvc/tmp/rwlock", *proj.glob(".dvc/tmp/seg/runs/*/.dvc/tmp/rwlock")]:
+        try:
+            lock = json.loads(rwlock.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        holder = next((v for k, v in lock.get("write", {}).items() if k.endswith(out)), None)
+        if holder:
+            return holder
+    return None
+
+
+def _experiments(proj: Path) -> dict[str, dict]:
+    """The project's experiments (`dvc exp show`): name -> {"params", "metrics"}."""
+    rows = json.loads(dvc(proj, "exp", "show", "--json").stdout)
+    return {
+        e["name"]: {
+            "params": e["data"]["params"]["params.yaml"]["data"],
+            "metrics": {k: v["data"] for k, v in e["data"]["metrics"].items()},
+        }
+        for row in rows if row["rev"] != "workspace"
+        for group in row.get("experiments") or [] for e in group["revs"]
+    }  # fmt: skip
+
+
+def _unchanged(proj: Path, before: tuple) -> None:
+    """The project is as it was (HEAD, branches, index, working copy, dvc.lock), and no
+    workspace of a run is left."""
+    assert _project_state(proj) == before
+    assert not list(proj.glob(".dvc/tmp/seg/runs/*")), list(proj.glob(".dvc/tmp/seg/runs/*"))
+
+
+def _project_state(proj: Path) -> tuple:
+    refs = [r for r in git(proj, "for-each-ref").splitlines() if "refs/exps/" not in r]
+    return (git(proj, "status", "--porcelain"), refs, (proj / "dvc.lock").read_bytes(),
+            (proj / "params.yaml").read_bytes())  # fmt: skip
 
 
 def _wait_for_train(proj: Path, proc: subprocess.Popen, log: Path) -> dict:
@@ -764,3 +817,126 @@ def test_flow_trains_on_several_processes_when_the_stage_command_says_so(server,
     # not asked for, as with `dvc repro train`: evaluate (its checkpoint changed) and the
     # params check (params.yaml changed)
     assert set(stale) == {"params", "evaluate"}, stale
+
+
+@pytest.fixture(scope="module")
+def auth_server(scratch) -> Iterator[tuple[int, str]]:
+    """A real `prefect server` that wants Basic credentials (PREFECT_SERVER_API_AUTH_STRING):
+    (its port, the password)."""
+    home = scratch("prefect-auth")
+    port, password = _free_port(), "s3cret-pw-42"
+    env = {
+        **os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_API_AUTH_STRING": f"seg:{password}",
+    }  # fmt: skip
+    env.pop("PREFECT_API_URL", None)
+    proc = _start(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+         str(port), "--no-ui", "--analytics-off"], home, env, home / "server.log",
+    )  # fmt: skip
+
+    def healthy():
+        assert proc.poll() is None, (home / "server.log").read_text()
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2)
+        except httpx.HTTPError as exc:
+            raise AssertionError(str(exc)) from None
+        assert r.status_code == 200
+
+    try:
+        _eventually(healthy, timeout=120)
+        yield port, password
+    finally:
+        _stop(proc, signal.SIGTERM)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # `make test-slow` (and CI) runs it: a server of its own
+def test_credentials_in_the_api_url_are_never_printed(auth_server, proj, tmp_path):
+    """PREFECT_API_URL=http://user:password@host/api: `seg flow`, `seg deploy` and `seg serve`
+    work and print the URL without the password (Prefect's own "View at" lines too); a wrong
+    password is one line before any work."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    port, password = auth_server
+    api = f"http://seg:{password}@127.0.0.1:{port}/api"
+    env = _proc_env(proj, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(WorkPoolCreate(name="auth-pool", type="process"))
+
+    def seg(*args: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "seg"), *args], cwd=proj, env={**env, **kw},
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    outputs = []
+    done = seg("flow", "evaluate")
+    outputs.append(done.stdout + done.stderr)
+    assert done.returncode == 0, outputs[-1]
+    assert f"runs at http://127.0.0.1:{port}/api" in outputs[-1]
+    assert f"View at http://127.0.0.1:{port}/runs/flow-run/" in outputs[-1]
+    done = seg("deploy", "--pool", "auth-pool", "--name", "auth")
+    outputs.append(done.stdout + done.stderr)
+    assert done.returncode == 0, outputs[-1]
+    assert f"at http://127.0.0.1:{port}/api" in outputs[-1]
+    serve = _start([str(BIN / "seg"), "serve", "--name", "auth-served", "--cron", "0 3 * * *"],
+                   proj, env, tmp_path / "serve.log")  # fmt: skip
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            with get_client(sync_client=True) as client:
+                deployment_id = _deployment_id(client, "auth-served")
+                run = client.create_flow_run_from_deployment(deployment_id)
+
+                def finished():
+                    r = client.read_flow_run(run.id)
+                    assert r.state.is_final(), r.state
+                    return r
+
+                assert _eventually(finished, timeout=180, every=1).state.is_completed()
+    finally:
+        _stop(serve)
+    outputs.append((tmp_path / "serve.log").read_text())
+    assert f"View at http://127.0.0.1:{port}/runs/flow-run/" in outputs[-1], outputs[-1]
+    for text in outputs:
+        assert password not in text, text
+    # a wrong password: one line, before any work
+    wrong = f"http://seg:nope@127.0.0.1:{port}/api"
+    for args in (["flow"], ["deploy", "--pool", "auth-pool"], ["serve"]):
+        done = seg(*args, PREFECT_API_URL=wrong)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert (done.stdout + done.stderr).strip().splitlines() == [
+            f"error: Prefect API at http://127.0.0.1:{port}/api refused the credentials (HTTP "
+            "401): set PREFECT_API_AUTH_STRING=user:password (a server with "
+            "PREFECT_SERVER_API_AUTH_STRING) or PREFECT_API_KEY (Prefect Cloud)"
+        ], done.stdout + done.stderr
+        assert "nope" not in done.stdout + done.stderr
+
+
+@pytest.mark.e2e
+def test_a_stale_dvc_lock_of_a_reused_pid_does_not_block_seg_flow(server, proj):
+    """DVC's rwlock names a PID that now belongs to another process (after a reboot): DVC
+    counts it alive and every run would stop at "is busy"; `seg flow` removes the entry,
+    says so, and runs."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        time.sleep(0.5)
+        rwlock = proj / ".dvc" / "tmp" / "rwlock"
+        rwlock.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"pid": other.pid, "cmd": f"{DVC} repro"}
+        rwlock.write_text(json.dumps({"write": {str(proj / "outputs/train/last.pt"): entry}}))
+        os.utime(rwlock, (time.time() - 3600, time.time() - 3600))  # written before it started
+        busy = dvc(proj, "status", "train", check=False)
+        assert busy.returncode != 0 and f"(PID {other.pid})" in busy.stdout + busy.stderr
+        with temporary_settings(updates={PREFECT_API_URL: server}):
+            result = CliRunner().invoke(app, ["flow", "train"])
+    finally:
+        other.kill()
+        other.wait()
+    assert result.exit_code == 0, result.output
+    assert "train: up to date" in result.output
+    assert f"named PID {other.pid} ({DVC} repro), a process that is gone: the PID started " in (
+        result.output
+    ), result.output
+    lock = json.loads(rwlock.read_text())
+    assert lock["write"] == {}, lock

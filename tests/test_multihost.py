@@ -1,22 +1,28 @@
 # ruff: noqa: F811  (fixtures imported from other test modules, then taken as arguments)
 """Beyond one machine, on one machine: real servers on 127.0.0.1 only.
 
-An S3 API server (moto, auth on: tests/s3server.py) holds the shards and the DVC remote; a
-real `prefect server` (tests/test_flows.py's fixture) and a bare git repository (`file://`,
-as origin) are all two "hosts" share. Each host is a clone with its own working copy, HOME,
-DVC config and Prefect process worker on one work pool; its processes run its own copy of
-the code (PYTHONPATH = the clone), configured as a user configures S3: AWS_ENDPOINT_URL and
-the AWS credential variables.
+An S3 API server (moto, auth on, versioning on: tests/s3server.py) holds the DVC remote and
+the runs' checkpoint stores; a real `prefect server` and a bare git repository (`file://`, as
+origin) are all the "hosts" share. Each host is a clone with its own working copy, HOME, DVC
+config and Prefect process worker on one work pool, configured as a user configures S3:
+AWS_ENDPOINT_URL and the AWS credential variables. Every run of the deployment works in a
+workspace of its own made from the host's clone, at the commit it runs, with that commit's
+code, and is an experiment pushed to origin; the clones never change. Nodes of a multi-node
+training run are folders with their own params.yaml, reading shards from the bucket.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +33,12 @@ import yaml
 from conftest import tiny_params
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from s3server import S3Server, free_port, s3  # noqa: F401
 from test_dvc import _env, _new_project
 from test_flows import _eventually, _stage_table, _start, _stop
 
-from stages import flows
+from stages import runs
 
 pytestmark = pytest.mark.e2e
 
@@ -105,14 +110,16 @@ class Host:
     def seg(self, *args: str, **kw):
         return self.run(str(BIN / "seg"), *args, **kw)
 
-    def worker(self, log: Path, pool: str = POOL) -> subprocess.Popen:
-        """`prefect worker start --pool POOL` on this host, polling every second; the
-        deployment's pull step sends its runs to $SEG_PROJECT, this clone."""
+    def worker(self, log: Path, pool: str = POOL, limit: int | None = None) -> subprocess.Popen:
+        """`prefect worker start --pool POOL` on this host, polling every second, at most
+        `limit` runs at once; the deployment's pull step sends its runs to $SEG_PROJECT,
+        this clone, where each run makes its workspace."""
         env = {**self.env, "SEG_PROJECT": str(self.path), "PREFECT_WORKER_QUERY_SECONDS": "1",
                "PREFECT_WORKER_PREFETCH_SECONDS": "1"}  # fmt: skip
         elsewhere = self.path.parent / f"{self.path.name}-worker"
         elsewhere.mkdir(exist_ok=True)
         cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+        cmd += ["--limit", str(limit)] if limit else []
         return _start(cmd, elsewhere, env, log)
 
 
@@ -130,19 +137,6 @@ def host(path: Path, s3: S3Server, api: str) -> Host:
     for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
         env.pop(key, None)
     return Host(path, env)
-
-
-def shards_in_bucket(dvc_yaml: Path) -> None:
-    """The README's one edit for data.shards in a bucket: DVC 3 caches no outputs outside
-    the project, so the shard folders are declared `cache: false` (DVC records their hash)."""
-    text = dvc_yaml.read_text()
-    old = "      outs:\n        - ${data.shards}/${item}\n"
-    assert old in text
-    dvc_yaml.write_text(
-        text.replace(
-            old, "      outs:\n        - ${data.shards}/${item}:\n            cache: false\n"
-        )
-    )
 
 
 def wait_final(client, run_id, timeout: float = 400):
@@ -172,16 +166,6 @@ def run_logs(client, run_id, until: str = "pushed experiment") -> str:
                 return text
 
     return _eventually(read, timeout=30)
-
-
-def running_intervals(client, run_id) -> list[tuple]:
-    """(start, end) of each Running state in a run's state history."""
-    states = sorted(client.read_flow_run_states(run_id), key=lambda s: s.timestamp)
-    spans = []
-    for state, after in zip(states, [*states[1:], None], strict=True):
-        if state.is_running():
-            spans.append((state.timestamp, after.timestamp if after else None))
-    return spans
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -231,34 +215,84 @@ def weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-# ----------------------------------------------------------------------------- the whole path
+# ----------------------------------------------------------------------------- the team
 
 
 def host_a(tmp_path: Path, s3: S3Server, server: str, name: str) -> tuple[Host, Path, str]:
-    """(host A, a bare origin, the bucket): a project with its shards in a new bucket and its
-    DVC remote on the same server, nothing committed yet."""
+    """(host A, a bare origin, the bucket): a project with its DVC remote in a new bucket
+    (versioning on: a key written twice keeps both versions), nothing committed yet."""
     bucket = s3.make_bucket(name)
+    s3.client().put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
     a = host(tmp_path / "A", s3, server)
-    _new_project(a.path, **PARAMS, **{"data.shards": f"s3://{bucket}/shards"})
-    shards_in_bucket(a.path / "dvc.yaml")
+    _new_project(a.path, **PARAMS)
     a.dvc("remote", "add", "-d", "storage", f"s3://{bucket}/dvc")
     a.dvc("remote", "modify", "storage", "endpointurl", s3.endpoint)
     return a, origin, bucket
 
 
-@pytest.mark.slow  # minutes: `make test-slow` (and CI) runs it
-def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_path_factory):
-    t0 = time.monotonic()
-    # host A: the project, shards in the bucket, a DVC remote on the same server, origin
-    a, origin, bucket = host_a(tmp_path, s3, server, "team")
+@dataclass
+class Team:
+    """Two hosts (clones A and B, a process worker each on one pool), a third clone C that
+    only reads, one deployment (one run at a time, queued), origin and the bucket."""
+
+    a: Host
+    b: Host
+    c: Host
+    origin: Path
+    bucket: str
+    deployment_id: object
+    logs: Path
+    workers: dict
+
+    def start(self, name: str) -> None:
+        h = self.a if name == "A" else self.b
+        n = sum(1 for _ in self.logs.glob(f"worker-{name}*.log"))
+        self.workers[name] = h.worker(self.logs / f"worker-{name}{n}.log", limit=1)
+
+    def stop(self, name: str) -> None:
+        proc = self.workers.pop(name, None)
+        if proc is not None:
+            _stop(proc)
+
+    def kill(self, name: str) -> None:
+        """The host's machine lost: its worker and everything under it SIGKILLed."""
+        kill_tree(self.workers.pop(name))
+
+    def submit(self, client, overrides: list[str] | None = None, **params):
+        return client.create_flow_run_from_deployment(
+            self.deployment_id, parameters={"overrides": list(overrides or []), **params}
+        )
+
+    def run(self, client, overrides: list[str] | None = None, **params):
+        """A run of the deployment, to its end (Completed, or the test fails with its logs)."""
+        made = self.submit(client, overrides, **params)
+        done = wait_final(client, made.id)
+        assert done.state.is_completed(), f"{done.state}\n{run_logs(client, done.id, '')}"
+        return done
+
+    def head(self) -> str:
+        return subprocess.run(["git", "rev-parse", "main"], cwd=self.origin, text=True,
+                              capture_output=True, check=True).stdout.strip()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def team(s3, server, scratch) -> Iterator[Team]:
+    root = scratch("team")
+    a, origin, bucket = host_a(root, s3, server, "team")
+    a.dvc("repro")
     a.git("add", "-A")
-    a.git("commit", "-q", "-m", "shards and DVC remote in S3")
+    a.git("commit", "-q", "-m", "results")
     a.git("remote", "add", "origin", f"file://{origin}")
     a.git("push", "-q", "-u", "origin", "main")
-
-    # one work pool, one deployment (at most one run at a time), each worker in its clone
+    a.dvc("push")
+    hosts = []
+    for name in ("B", "C"):
+        h = host(root / name, s3, server)
+        subprocess.run(["git", "clone", "-q", f"file://{origin}", str(h.path)], check=True,
+                       env=h.env)  # fmt: skip
+        hosts.append(h)
     with temporary_settings(updates={PREFECT_API_URL: server}):
         from prefect.client.schemas.actions import WorkPoolCreate
 
@@ -267,179 +301,317 @@ def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_p
         deployed = a.seg("deploy", "--pool", POOL, "--name", "shared", "--workdir",
                          "$SEG_PROJECT", "--collision", "queue")  # fmt: skip
         assert "SEG_PROJECT=/path/to/clone prefect worker start" in deployed.stderr, deployed
-        outputs = [deployed.stdout + deployed.stderr]
-        worker_a = a.worker(tmp_path / "worker-A.log")
+        with get_client(sync_client=True) as client:
+            d = client.read_deployment_by_name(DEPLOYMENT)
+        t = Team(a, *hosts, origin, bucket, d.id, root, {})
         try:
-            with get_client(sync_client=True) as client:
-                d = client.read_deployment_by_name(DEPLOYMENT)
-                # no fixed working_dir (each worker's $SEG_PROJECT), heartbeats (flows)
-                assert d.job_variables == {"env": flows.heartbeat_env()}
-                assert d.global_concurrency_limit.limit == 1
-                assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
-                    "directory": "{{ $SEG_PROJECT }}"}}]  # fmt: skip
-                run_a = wait_final(client, client.create_flow_run_from_deployment(d.id).id)
-                log_a = run_logs(client, run_a.id)
-                assert run_a.state.is_completed(), f"{run_a.state}\n{log_a}"
-                table_a = _eventually(lambda: _stage_table(client, run_a.id))
+            yield t
         finally:
-            _stop(worker_a)
-        assert f"project {a.path}" in log_a
-        assert "starting from outputs/train/last.pt: none yet" in log_a, log_a
-        assert all(table_a[s] == "ran" for s in ("synth", "preprocess@train", "train", "evaluate"))
-        assert "pushed experiment" in log_a
-        for split in ("train", "val"):  # preprocessed into the bucket, manifest and all
-            assert f"shards/{split}/manifest.parquet" in s3.keys(bucket, f"shards/{split}/")
-        assert not (a.path / "data" / "shards").exists()
+            for name in list(t.workers):
+                t.stop(name)
 
-        # host A pushes its results: git (dvc.lock) and the DVC remote (outputs)
-        a.git("add", "-A")
-        a.git("commit", "-q", "-m", "results of host A")
-        a.git("push", "-q")
-        outputs.append(a.dvc("push").stdout)
 
-        # host B: a second clone pulls, finds nothing stale, and reruns nothing
-        b = host(tmp_path / "B", s3, server)
-        subprocess.run(["git", "clone", "-q", f"file://{origin}", str(b.path)], check=True,
-                       env=b.env)  # fmt: skip
-        outputs.append(b.dvc("pull").stdout)
-        assert json.loads(b.dvc("status", "--json").stdout) == {}
-        repro = b.dvc("repro")
-        assert "Running stage" not in repro.stdout and "up to date" in repro.stdout, repro.stdout
-        outputs.append(repro.stdout)
+def state(h: Host) -> tuple:
+    """What no run may change in a host's clone: HEAD, branches and remote-tracking refs,
+    the working copy and index, params.yaml and dvc.lock (experiments' refs may come)."""
+    refs = [r for r in h.git("for-each-ref").stdout.splitlines() if "refs/exps/" not in r]
+    return (h.git("rev-parse", "HEAD").stdout, refs, h.git("status", "--porcelain").stdout,
+            (h.path / "params.yaml").read_bytes(), (h.path / "dvc.lock").read_bytes())  # fmt: skip
 
-        # a changed param, run on host B's worker
-        worker_b = b.worker(tmp_path / "worker-B.log")
-        try:
-            with get_client(sync_client=True) as client:
-                made = client.create_flow_run_from_deployment(
-                    d.id, parameters={"overrides": ["train.lr=0.02"]}
-                )
-                run_b = wait_final(client, made.id)
-                log_b = run_logs(client, run_b.id)
-                assert run_b.state.is_completed(), f"{run_b.state}\n{log_b}"
-                table_b = _eventually(lambda: _stage_table(client, run_b.id))
-                prefect_texts = [log_a, log_b] + [
-                    json.dumps(art)
-                    for r in (run_a, run_b)
-                    for art in client.request(
-                        "POST", "/artifacts/filter",
-                        json={"artifacts": {"flow_run_id": {"any_": [str(r.id)]}}, "limit": 50,
-                              "offset": 0, "sort": "KEY_ASC"},
-                    ).json()
-                ]  # fmt: skip
-        finally:
-            _stop(worker_b)
-        assert f"project {b.path}" in log_b and "pushed experiment" in log_b
-        assert "starting from outputs/train/last.pt at step 4 of 4" in log_b, log_b
-        assert table_b["train"] == "ran" and table_b["evaluate"] == "ran"
-        assert table_b["synth"] == table_b["preprocess@train"] == "up to date"
 
-        # both workers up, a run triggered from each side at once: they land on either
-        # worker, and the deployment's limit of 1 holds across both (the state histories'
-        # Running intervals do not intersect)
-        workers = [a.worker(tmp_path / "worker-A2.log"), b.worker(tmp_path / "worker-B2.log")]
-        try:
-            triggers = [
-                subprocess.Popen(
-                    [str(BIN / "prefect"), "deployment", "run", DEPLOYMENT, "--param",
-                     f'overrides=["train.iterations={n}"]', "--flow-run-name", f"from-{h.path.name}"],
-                    cwd=h.path, env=h.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    text=True,
-                )
-                for h, n in ((a, 5), (b, 6))
-            ]  # fmt: skip
-            for t in triggers:
-                assert t.wait(timeout=120) == 0, t.stdout.read()
-            with get_client(sync_client=True) as client:
-                both = [
-                    r
-                    for r in client.read_flow_runs(limit=20, sort=FlowRunSort.START_TIME_DESC)
-                    if r.name in ("from-A", "from-B")
-                ]
-                assert len(both) == 2
-                done = [wait_final(client, r.id) for r in both]
-                assert all(r.state.is_completed() for r in done), [r.state for r in done]
-                spans = sorted(span for r in done for span in running_intervals(client, r.id))
-                assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans
-                waited = [
-                    s.name for r in done for s in client.read_flow_run_states(r.id)
-                    if s.name == "AwaitingConcurrencySlot"
-                ]  # fmt: skip
-                assert waited, "the second run never waited for the slot"
-                ran_on = sorted(
-                    "A" if f"project {a.path}" in text else "B"
-                    for text in (run_logs(client, r.id, "Finished in state") for r in done)
-                )
-                prefect_texts += [run_logs(client, r.id, "Finished in state") for r in done]
-        finally:
-            for w in workers:
-                _stop(w)
-        print(f"the two runs triggered at once ran on hosts {ran_on}")
-
-    # a third clone sees the runs of both hosts
-    c = host(tmp_path / "C", s3, server)
-    subprocess.run(["git", "clone", "-q", f"file://{origin}", str(c.path)], check=True, env=c.env)
-    c.dvc("exp", "pull", "--all-commits", "origin")
+def experiments(c: Host) -> dict[str, dict]:
+    """Every experiment on origin (`dvc exp pull -A` in clone C): name -> {"params",
+    "metrics", "ref"}."""
+    c.dvc("exp", "pull", "--all-commits", "--no-cache", "origin")
     rows = json.loads(c.dvc("exp", "show", "--all-commits", "--json").stdout)
-    exps = sorted(
-        (train["iterations"], train["lr"])
+    refs = {r.rsplit("/", 1)[-1]: r for r in c.git("for-each-ref", "--format=%(refname)",
+                                                   "refs/exps").stdout.split()}  # fmt: skip
+    found = {
+        e["name"]: {"params": e["data"]["params"]["params.yaml"]["data"], "ref": refs[e["name"]]}
         for row in rows if row["rev"] != "workspace"
         for group in row.get("experiments") or [] for e in group["revs"]
-        if e["data"]["metrics"].get("outputs/eval/metrics.json")
-        for train in [e["data"]["params"]["params.yaml"]["data"]["train"]]
-    )  # fmt: skip
-    # host A's first run, host B's changed lr, the two runs triggered at once
-    base = tiny_params()["train"]["lr"]
-    assert [it for it, _ in exps] == [4, 4, 5, 6] and exps[:2] == [(4, 0.02), (4, base)], exps
+    }  # fmt: skip
+    for exp in found.values():  # the file itself (`exp show` leaves lists out of metrics)
+        shown = c.git("show", f"{exp['ref']}:outputs/eval/metrics.json").stdout
+        exp["metrics"] = json.loads(shown)
+    return found
 
-    # two nodes (node 0 on host A, node 1 on host B, shards from the bucket) against one node
-    # with two processes and the same global batch: the same weights. First with another lr
-    # in host B's params.yaml: the nodes refuse to train apart, in one line each
-    train = ["-S", "train.device=cpu", "-S", "train.batch_size=4"]
-    for h in (a, b):
-        h.git("checkout", "--", "params.yaml")
-    raw = yaml.safe_load((b.path / "params.yaml").read_text())
-    raw["train"]["lr"] = 0.02
-    (b.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    nodes = train_nodes([a, b], free_port(), *train)
-    try:
-        assert [proc.wait(timeout=300) for proc in nodes] == [1, 1]
-    finally:
-        for proc in nodes:
-            kill_tree(proc)
-    for rank, h in enumerate((a, b)):
-        text = (h.path.parent / f"{h.path.name}-node{rank}.log").read_text()
-        errors = [line for line in text.splitlines() if line.startswith("error:")]
-        assert errors == [
-            f"error: the processes have different params (train.lr={base} on rank 0, 0.02 on "
-            "rank 1): every node needs the same params.yaml and -S overrides"
-        ], text
-        assert "Traceback" not in text, text
-    b.git("checkout", "--", "params.yaml")
-    b_outputs = {f: f.stat().st_mtime_ns for f in (b.path / "outputs").rglob("*")}
-    nodes = train_nodes([a, b], free_port(), *train)
-    try:
-        for proc in nodes:
-            assert proc.wait(timeout=300) == 0, (a.path.parent / "A-node0.log").read_text()
-    finally:
-        for proc in nodes:
-            kill_tree(proc)
-    c.seg("train", "--gpus", "2", *train, OMP_NUM_THREADS="1")
-    two, one = weights(a.path / "outputs/train/last.pt"), weights(c.path / "outputs/train/last.pt")
-    assert two["step"] == one["step"] == 4
-    assert all(torch.equal(two["model"][k], one["model"][k]) for k in one["model"])
-    assert {f: f.stat().st_mtime_ns for f in (b.path / "outputs").rglob("*")} == b_outputs
 
-    # the credentials reached no file (clones, caches, dvc.lock, metrics, logs, the Prefect
-    # server's database) and no log or artifact
-    prefect_home = [p for p in tmp_path_factory.getbasetemp().glob("prefect-server*")]
-    texts = outputs + prefect_texts + [
-        p.read_text(errors="replace") for p in tmp_path.glob("*.log")
-    ]  # fmt: skip
-    assert no_secret(s3, [tmp_path, *prefect_home], texts) > 100
-    took = time.monotonic() - t0
-    print(f"two hosts, one bucket, one pool, two nodes: {took:.0f} s")
-    assert took < 600
+def asked(a: Host, overrides: list[str]) -> dict:
+    """params.yaml as a run with `overrides` must see it: the commit's, overridden."""
+    from stages import steps
+
+    return steps.load(a.path / "params.yaml", overrides).to_dict()
+
+
+def exp_name(run) -> str:
+    return runs.experiment_name(run.name, str(run.id))
+
+
+def remote_file(s3: S3Server, bucket: str, c: Host, ref: str, path: str) -> bytes:
+    """An output of an experiment, from the DVC remote (by the md5 its dvc.lock records)."""
+    lock = yaml.safe_load(c.git("show", f"{ref}:dvc.lock").stdout)
+    (md5,) = [o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+              if o["path"] == path]  # fmt: skip
+    obj = s3.client().get_object(Bucket=bucket, Key=f"dvc/files/md5/{md5[:2]}/{md5[2:]}")
+    return obj["Body"].read()
+
+
+def same_weights(a: bytes | Path, b: bytes | Path) -> bool:
+    def load(x: bytes | Path) -> dict:
+        data = io.BytesIO(x) if isinstance(x, bytes) else x
+        return torch.load(data, map_location="cpu", weights_only=False)["model"]
+
+    wa, wb = load(a), load(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# the runs of the first test: mixed overrides (train or evaluate params; one repeated), then
+# two without any
+RUNS = [
+    [], ["train.lr=0.02"], ["evaluate.flip=false"], ["evaluate.scales=[1.0]"],
+    ["train.lr=0.02"], ["evaluate.batch_size=1", "evaluate.flip=false"], [], [],
+]  # fmt: skip
+# the work the fault tests give a run: enough steps to be killed mid-training
+LONG = ["train.iterations=24", "train.checkpoint_interval=2", "train.val_interval=24",
+        "train.log_every=2"]  # fmt: skip
+
+
+@pytest.mark.slow  # minutes: `make test-slow` (and CI) runs it
+def test_every_run_is_an_experiment_of_exactly_its_params_on_either_host(
+    team, server, s3, tmp_path_factory
+):
+    t0 = time.monotonic()
+    before = {h.path.name: state(h) for h in (team.a, team.b)}
+    team.start("A")
+    team.start("B")
+    done = []
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        with get_client(sync_client=True) as client:
+            for overrides in RUNS:
+                done.append(team.run(client, overrides))
+            logs = [run_logs(client, r.id, "Finished in state") for r in done]
+            tables = [_eventually(lambda r=r: _stage_table(client, r.id)) for r in done]
+    hosts = ["A" if f"workspace {team.a.path}/" in text else "B" for text in logs]
+    print(f"{len(RUNS)} runs on hosts {hosts} in {time.monotonic() - t0:.0f} s")
+    # the clones the workers run from are as they were
+    assert {h.path.name: state(h) for h in (team.a, team.b)} == before
+    assert not list(team.a.path.glob(".dvc/tmp/seg/runs/*"))
+    assert not list(team.b.path.glob(".dvc/tmp/seg/runs/*"))
+    # a third clone lists every run as an experiment of the commit, with exactly its params
+    exps = experiments(team.c)
+    from pipeline.params import params_hash
+
+    for overrides, run, text in zip(RUNS, done, logs, strict=True):
+        exp = exps[exp_name(run)]
+        want = asked(team.a, overrides)
+        assert exp["params"] == want, (overrides, text)
+        prov = exp["metrics"]["provenance"]
+        assert prov["eval_params"] == want["evaluate"], overrides
+        assert prov["train_params_hash"] == params_hash(want["train"]), overrides
+        assert f"commit {team.head()[:12]} (origin/main)" in text
+    # the repeated lr and the runs without overrides reused an experiment of the same commit
+    # and params: nothing ran again; the others ran what their overrides touch
+    ran = [sorted(s for s, r in table.items() if r != "up to date") for table in tables]
+    assert ran == [
+        [],
+        ["evaluate", "params", "train"],
+        ["evaluate", "params"],
+        ["evaluate", "params"],
+        [],
+        ["evaluate", "params"],
+        [],
+        [],
+    ], ran
+    assert "of this commit has these params" in logs[4] and exp_name(done[1]) in logs[4]
+    # the metrics of a run that evaluated name it, its commit, overrides and host
+    run = exps[exp_name(done[2])]["metrics"]["provenance"]["run"]
+    assert (run["name"], run["commit"], run["overrides"]) == (
+        exp_name(done[2]),
+        team.head(),
+        ["evaluate.flip=false"],
+    )
+    # the credentials reached no file (clones, workspaces, caches, dvc.lock, metrics, the
+    # Prefect server's database) and no log
+    prefect_home = list(tmp_path_factory.getbasetemp().glob("prefect-server*"))
+    assert no_secret(s3, [team.logs, *prefect_home], logs) > 100
+
+
+@pytest.mark.slow  # `make test-slow` (and CI) runs it
+def test_a_killed_worker_s_run_resumes_on_the_other_host_from_its_pushed_checkpoint(
+    team, server, s3
+):
+    """Host A's machine dies mid-training (its worker, run, dvc and seg train SIGKILLed);
+    the next run of the same commit and overrides, on host B, resumes from the checkpoint
+    the dead run pushed and ends with the weights of a run never interrupted."""
+    from pipeline.engine import runstore
+
+    store = f"s3://{team.bucket}/dvc/seg-runs/{runs.run_key(team.head(), LONG)}"
+    for name in list(team.workers):
+        team.stop(name)
+    team.start("A")
+    with temporary_settings(updates={PREFECT_API_URL: server}), s3_environment(s3):
+        with get_client(sync_client=True) as client:
+            killed = team.submit(client, LONG)
+
+            def pushed() -> int:
+                assert client.read_flow_run(killed.id).state.is_running()
+                got = runstore.copies(store)
+                assert got and got[0].step >= 6, got
+                return got[0].step
+
+            _eventually(pushed, timeout=300, every=0.3)
+            team.kill("A")
+            copy = runstore.copies(store)[0]  # the dead run's newest
+            # the heartbeat automation would mark it Crashed 90 s on; as an operator, now
+            from prefect.states import Crashed
+
+            client.set_flow_run_state(killed.id, Crashed(message="host A died"), force=True)
+            team.start("B")
+            nxt = team.run(client, LONG)
+            text = run_logs(client, nxt.id, "Finished in state")
+    assert f"workspace {team.b.path}/" in text
+    assert (
+        f"fetched {copy.url} (step {copy.step}, pushed by run {exp_name(killed)}) as "
+        "outputs/train/last.pt" in text
+    ), text
+    assert f"resumed from outputs/train/last.pt at step {copy.step} of 24" in text, text
+    # a run that never stopped, on clone C by hand, trains the same weights
+    team.c.dvc("pull")  # the commit's shards, from the DVC remote
+    team.c.seg("train", *(arg for o in LONG for arg in ("-S", o)))
+    exps = experiments(team.c)
+    got = remote_file(s3, team.bucket, team.c, exps[exp_name(nxt)]["ref"],
+                      "outputs/train/last.pt")  # fmt: skip
+    assert same_weights(got, team.c.path / "outputs/train/last.pt")
+    team.c.git("checkout", "--", ".")
+    # host A's dead workspace is still there: the next run on A removes it
+    assert len(list(team.a.path.glob(".dvc/tmp/seg/runs/*"))) == 1
+
+
+@pytest.mark.slow  # `make test-slow` (and CI) runs it
+def test_a_commit_that_changes_code_is_the_code_the_next_run_runs(team, server):
+    """Clone C pushes a commit that changes the flow's own module and the evaluation's code;
+    the next run, on host A (whose own clone and installed code are older), runs that code
+    and names the commit; on the way it removes the workspace host A's dead run left."""
+    c = team.c
+    flows_py = c.path / "stages" / "flows.py"
+    text = flows_py.read_text()
+    assert text.count('"outputs of dvc.lock restored in') == 1
+    flows_py.write_text(text.replace('"outputs of dvc.lock restored in',
+                                     '"outputs of dvc.lock (new code) restored in'))  # fmt: skip
+    prov = c.path / "pipeline" / "provenance.py"
+    prov.write_text(
+        prov.read_text().replace(
+            "        return json.loads(text)", '        return {**json.loads(text), "code": "new"}'
+        )
+    )
+    c.git("commit", "-q", "-am", "new code")
+    c.git("push", "-q", "origin", "main")
+    for name in list(team.workers):
+        team.stop(name)
+    team.start("A")
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        with get_client(sync_client=True) as client:
+            run = team.run(client)
+            text = run_logs(client, run.id, "Finished in state")
+            table = _eventually(lambda: _stage_table(client, run.id))
+    head = team.head()
+    assert (
+        f"commit {head[:12]} (origin/main) on host" in text and f"workspace {team.a.path}/" in text
+    )
+    assert "(new code) restored in" in text, text
+    assert "removed the workspaces of 1 run(s) that are gone" in text, text
+    assert table["evaluate"] == "ran" and table["train"] == "up to date", table
+    metrics = experiments(c)[exp_name(run)]["metrics"]["provenance"]["run"]
+    assert (metrics["commit"], metrics["code"]) == (head, "new")
+    assert not list(team.a.path.glob(".dvc/tmp/seg/runs/*"))
+
+
+@pytest.mark.slow  # `make test-slow` (and CI) runs it
+def test_a_run_that_lost_its_slot_stops_itself_and_nothing_stored_is_overwritten(team, server, s3):
+    """Run 1 trains on host A; the server marks it Crashed while it is alive (as the
+    heartbeat automation does after a stall), which frees the deployment's slot; run 2 of
+    the same work starts on host B and resumes from what run 1 pushed. Run 1 notices within
+    a minute and stops, saying why; no key in the bucket (DVC remote, checkpoint store) ever
+    gets a second version; run 2 ends with the weights of a run never disturbed."""
+    from pipeline.engine import runstore
+
+    store = f"s3://{team.bucket}/dvc/seg-runs/{runs.run_key(team.head(), LONG)}"
+    for name in list(team.workers):
+        team.stop(name)
+    team.start("A")
+    with temporary_settings(updates={PREFECT_API_URL: server}), s3_environment(s3):
+        with get_client(sync_client=True) as client:
+            first = team.submit(client, LONG)
+
+            def pushed() -> int:
+                assert client.read_flow_run(first.id).state.is_running()
+                got = runstore.copies(store)
+                assert got and got[0].step >= 4, got
+                return got[0].step
+
+            _eventually(pushed, timeout=300, every=0.3)
+            from prefect.states import Crashed
+
+            client.set_flow_run_state(first.id, Crashed(message="no heartbeat"), force=True)
+            marked = time.monotonic()
+            team.start("B")
+            second = team.submit(client, LONG)
+
+            def stopped() -> str:
+                text = run_logs(client, first.id, "marked Crashed")
+                assert not list(team.a.path.glob(".dvc/tmp/seg/runs/*")), "still there"
+                return text
+
+            first_log = _eventually(stopped, timeout=90, every=1)
+            took = time.monotonic() - marked
+            done = wait_final(client, second.id)
+            text = run_logs(client, second.id, "Finished in state")
+            assert done.state.is_completed(), text
+    print(f"the run that lost its slot stopped {took:.0f} s after it was marked Crashed")
+    assert took < 60
+    assert "(its slot may be another run's now): stopping it" in first_log
+    assert client_state(server, first.id).is_crashed()
+    assert f"workspace {team.b.path}/" in text and "fetched s3://" in text, text
+    # nothing stored was written twice: every key has one version (deleted copies of
+    # checkpoints leave a delete marker, not a second version)
+    versions = s3.client().list_object_versions(Bucket=team.bucket).get("Versions", [])
+    counts: dict[str, int] = {}
+    for v in versions:
+        counts[v["Key"]] = counts.get(v["Key"], 0) + 1
+    assert counts and max(counts.values()) == 1, {k: n for k, n in counts.items() if n > 1}
+    # the weights of a run never disturbed: clone C's `seg train` of the killed-worker test,
+    # the same params (the code that changed since does not touch training)
+    c = team.c
+    c.seg("train", *(arg for o in LONG for arg in ("-S", o)))
+    ref = experiments(c)[exp_name(second)]["ref"]
+    got = remote_file(s3, team.bucket, c, ref, "outputs/train/last.pt")
+    assert same_weights(got, c.path / "outputs/train/last.pt")
+    c.git("checkout", "--", ".")
+
+
+def client_state(server: str, run_id):
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(run_id).state
+
+
+@contextmanager
+def s3_environment(s3: S3Server) -> Iterator[None]:
+    """The S3 server's endpoint and credentials in this process (to read the bucket as the
+    hosts do)."""
+    keys = [*s3.env(), "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE"]
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ.update(s3.env(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull))
+    os.environ.pop("AWS_PROFILE", None)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ----------------------------------------------------------------------------- a node dies
@@ -498,109 +670,127 @@ def test_a_node_that_dies_stops_the_other_in_one_line(s3, dies, tmp_path, monkey
     assert took < 60
 
 
-# ----------------------------------------------------------------------------- a worker dies
-
-
-def _lock_md5(path: Path, out: str) -> str:
-    for stage in yaml.safe_load((path / "dvc.lock").read_text())["stages"].values():
-        for o in stage.get("outs", []):
-            if o["path"] == out:
-                return o["md5"]
-    raise AssertionError(out)
-
-
 @pytest.mark.slow  # `make test-slow` (and CI) runs it
-def test_a_killed_worker_s_next_run_starts_on_the_other_host_from_what_was_pushed(
-    s3, server, tmp_path
-):
-    a, origin, bucket = host_a(tmp_path, s3, server, "killed")
-    a.dvc("repro")
-    a.git("add", "-A")
-    a.git("commit", "-q", "-m", "first results")
-    a.git("remote", "add", "origin", f"file://{origin}")
-    a.git("push", "-q", "-u", "origin", "main")
-    a.dvc("push")
-    b = host(tmp_path / "B", s3, server)
-    subprocess.run(["git", "clone", "-q", f"file://{origin}", str(b.path)], check=True, env=b.env)
-    b.dvc("pull")
-    # host A moves on and pushes: host B is now a commit behind
-    raw = yaml.safe_load((a.path / "params.yaml").read_text())
-    raw["train"]["lr"] = 0.04
-    (a.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    a.dvc("repro")
-    a.git("commit", "-q", "-am", "lr 0.04")
-    a.git("push", "-q")
-    a.dvc("push")
-    pushed = _lock_md5(a.path, "outputs/train/last.pt")
+def test_two_nodes_train_and_resume_as_one_node_with_two_processes(s3, tmp_path, monkeypatch):
+    """Node 0 and node 1 (separate folders, shards from the bucket) against one node with two
+    processes and the same global batch. 1. Another lr in node 1's params.yaml: the nodes
+    refuse to train apart, in one line each. 2. Both nodes killed mid-training, node 1's
+    outputs lost: `--auto-resume` on both resumes at node 0's step (rank 0 decides; node 1
+    gets its checkpoint) and ends with the weights of one node with two processes, bit for
+    bit."""
+    from stages import steps
 
-    with temporary_settings(updates={PREFECT_API_URL: server}):
-        from prefect.client.schemas.actions import WorkPoolCreate
+    bucket = s3.make_bucket("nodes")
+    raw = tiny_params(**PARAMS, **{"data.shards": f"s3://{bucket}/shards"})
+    raw["train"].update(device="cpu", batch_size=4, iterations=40, checkpoint_interval=2,
+                        val_interval=40)  # fmt: skip
+    nodes = [host(tmp_path / f"node{r}", s3, "http://127.0.0.1:1/api") for r in (0, 1, 2)]
+    for h in nodes:
+        h.path.mkdir()
+        (h.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        h.env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # this checkout's code
+    _preprocess_into(s3, bucket, tmp_path, monkeypatch, steps)
+    base = raw["train"]["lr"]
+    other = dict(raw, train=dict(raw["train"], lr=0.02))
+    (nodes[1].path / "params.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
+    procs = train_nodes(nodes[:2], free_port())
+    try:
+        assert [proc.wait(timeout=300) for proc in procs] == [1, 1]
+    finally:
+        for proc in procs:
+            kill_tree(proc)
+    for rank, h in enumerate(nodes[:2]):
+        text = (h.path.parent / f"{h.path.name}-node{rank}.log").read_text()
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert errors == [
+            f"error: the processes have different params (train.lr={base} on rank 0, 0.02 on "
+            "rank 1): every node needs the same params.yaml and -S overrides"
+        ], text
+        assert "Traceback" not in text, text
 
-        pool = "team-killed"  # the module's server is shared with the other tests
-        with get_client(sync_client=True) as client:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        a.seg("deploy", "--pool", pool, "--name", "killed", "--workdir", "$SEG_PROJECT",
-              "--collision", "queue")  # fmt: skip
-        long = {"overrides": ["train.iterations=400", "train.val_interval=400"]}
-        worker_a = a.worker(tmp_path / "worker-A.log", pool)
-        try:
-            with get_client(sync_client=True) as client:
-                d = client.read_deployment_by_name("seg-pipeline/killed")
-                killed = client.create_flow_run_from_deployment(d.id, parameters=long)
+    # 2. killed at step >= 6 of 40; node 1's outputs gone (another machine, a wiped disk)
+    (nodes[1].path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (nodes[1].path / "outputs" / "train").mkdir(parents=True)
+    (nodes[1].path / "outputs" / "train" / "last.pt").write_bytes(b"an old run's file")
+    procs = train_nodes(nodes[:2], free_port(), "--auto-resume")
+    last0 = nodes[0].path / "outputs/train/last.pt"
+    try:
+        _eventually(lambda: _assert_step(last0, 6), timeout=300, every=0.2)
+    finally:
+        for proc in procs:
+            kill_tree(proc)
+    step = int(weights(last0)["step"])
+    shutil.rmtree(nodes[1].path / "outputs")
+    procs = train_nodes(nodes[:2], free_port(), "--auto-resume")
+    try:
+        for proc in procs:
+            assert proc.wait(timeout=300) == 0, (tmp_path / "node0-node0.log").read_text()
+    finally:
+        for proc in procs:
+            kill_tree(proc)
+    log0 = (tmp_path / "node0-node0.log").read_text()
+    assert f"resumed from outputs/train/last.pt at step {step} of 40" in log0, log0
+    nodes[2].seg("train", "--gpus", "2", OMP_NUM_THREADS="1")
+    two = weights(last0)
+    one = weights(nodes[2].path / "outputs/train/last.pt")
+    assert two["step"] == one["step"] == 40
+    assert all(torch.equal(two["model"][k], one["model"][k]) for k in one["model"])
+    # node 1 got rank 0's checkpoint to resume from; rank 0 alone writes the new ones
+    got = nodes[1].path / "outputs/train/last.pt"
+    assert weights(got)["step"] == step
 
-                def training() -> int:  # the run's train stage is 10 steps in
-                    assert client.read_flow_run(killed.id).state.is_running()
-                    loss = a.path / "outputs/train/dvclive/plots/metrics/train/loss.tsv"
-                    steps = len(loss.read_text().splitlines()) - 1 if loss.is_file() else 0
-                    assert steps >= 10, steps
-                    assert _lock_md5(a.path, "outputs/train/last.pt") == pushed
-                    return steps
 
-                partial = _eventually(training, timeout=300, every=1)
-        finally:
-            kill_tree(worker_a)  # the worker, its flow run, dvc, seg train: the host is gone
-        t_kill = time.monotonic()
+def _assert_step(path: Path, step: int) -> None:
+    from pipeline.engine import checkpoint
+    from pipeline.errors import CheckpointError
 
-        worker_b = b.worker(tmp_path / "worker-B.log", pool)
-        try:
-            with get_client(sync_client=True) as client:
-                nxt = client.create_flow_run_from_deployment(
-                    d.id, parameters={"overrides": ["train.iterations=6"]}
-                )
+    try:
+        got = int(checkpoint.load(path)["step"]) if path.is_file() else 0
+    except CheckpointError:
+        got = 0
+    assert got >= step, got
 
-                def queued():  # the dead run still holds the deployment's one slot
-                    assert client.read_flow_run(killed.id).state.is_running()
-                    names = [st.name for st in client.read_flow_run_states(nxt.id)]
-                    assert "AwaitingConcurrencySlot" in names, names
 
-                _eventually(queued, timeout=120)
-                # Nothing tells the server that the run died: it stays Running, and its slot
-                # lease (renewed by the flow run for 300 s at a time, prefect/flow_engine.py)
-                # frees the slot up to 5 min later (measured twice: the next run ended 336 s
-                # and 337 s after the kill). Marking it Crashed, as an operator (or a
-                # zombie-run automation) does, frees the slot at once.
-                from prefect.states import Crashed
+def test_processes_that_resolve_different_working_points_refuse_in_one_line(tmp_path):
+    """Two gloo processes whose working points differ (as a bf16 node beside an fp16 +
+    GradScaler one): each stops with the same line before the first step. (On this CPU
+    `amp: auto` resolves to fp32 everywhere, so the points are given; the comparison and the
+    collective are real.)"""
+    code = (
+        "import sys\n"
+        "from pipeline.engine.distributed import init_from_env\n"
+        "from pipeline.engine.train import check_same_working_point\n"
+        "from pipeline.errors import ConfigError\n"
+        "info = init_from_env('cpu')\n"
+        "point = {'precision': ['bf16', 'fp16'][info.rank], 'compile': False, "
+        "'channels_last': False, 'torch': '2.x', 'cuda': None, 'cudnn': None}\n"
+        "try:\n    check_same_working_point(point)\n"
+        "except ConfigError as exc:\n    print('error:', exc)\n    sys.exit(3)\n"
+    )
+    script = tmp_path / "point.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--tee", "3", str(script)], capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    lines = [ln[ln.index("error: ") :] for ln in done.stdout.splitlines() if "error: " in ln]
+    assert lines and set(lines) == {
+        "error: the processes resolved different working points (precision bf16 on rank 0, "
+        "fp16 on rank 1): give every node the same train.amp / train.compile / "
+        "train.channels_last (not auto) or the same kind of device and software"
+    }, done.stdout + done.stderr
 
-                client.set_flow_run_state(
-                    killed.id, Crashed(message="host A went down"), force=True
-                )
-                done = wait_final(client, nxt.id, timeout=400)
-                log = run_logs(client, nxt.id)
-                assert done.state.is_completed(), f"{done.state}\n{log}"
-        finally:
-            _stop(worker_b)
-    waited = time.monotonic() - t_kill
-    print(f"killed at step {partial}; the next run finished on host B {waited:.0f} s later")
-    assert f"project {b.path}" in log
-    # from what was last pushed: host B fast-forwarded to A's pushed commit and pulled its
-    # outputs; the log names that checkpoint (not the killed run's, which never left host A)
-    head = a.git("rev-parse", "--short", "origin/main").stdout.strip()
-    assert f"-> {head} (origin/main) and pulled its outputs (dvc pull)" in log, log
-    assert (
-        f"starting from outputs/train/last.pt at step 4 of 4, md5 {pushed} (as dvc.lock "
-        "records it)" in log
-    ), log
-    # nothing pushed is lost: origin still ends at A's commit, B's run is an experiment there
-    refs = subprocess.run(["git", "ls-remote", str(origin)], capture_output=True, text=True)
-    assert f"{a.git('rev-parse', 'HEAD').stdout.strip()}\trefs/heads/main" in refs.stdout
-    assert refs.stdout.count("refs/exps/") == 1, refs.stdout
+
+def _preprocess_into(s3: S3Server, bucket: str, tmp_path: Path, monkeypatch, steps) -> None:
+    """Synthetic frames, preprocessed into s3://BUCKET/shards/{train,val}."""
+    steps.synth(tmp_path / "synthetic", {"train": 6, "val": 2}, 64, 128, 0, 1)
+    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in s3.env(AWS_CONFIG_FILE=os.devnull,
+                             AWS_SHARED_CREDENTIALS_FILE=os.devnull).items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    for split in ("train", "val"):
+        steps.preprocess(tmp_path / "synthetic", split, f"s3://{bucket}/shards/{split}",
+                         samples_per_shard=4, workers=1)  # fmt: skip

@@ -98,6 +98,24 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every process (pickled); `obj` itself without a process group."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order ([obj] without a process group)."""
+    if not is_distributed():
+        return [obj]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def is_main() -> bool:
     """Rank 0, or a single process: the one that writes files and prints."""
     return rank_world()[0] == 0

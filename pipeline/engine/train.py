@@ -70,6 +70,9 @@ class Callbacks:
     def on_eval(self, step: int, metrics: dict) -> None:
         pass
 
+    def on_checkpoint(self, path: Path, step: int) -> None:
+        """Rank 0 saved last.pt at `step` (a run store copies it: stages/steps.py RunStore)."""
+
 
 def train(
     tp: TrainParams,
@@ -116,7 +119,7 @@ def train(
         best, history = list(ckpt.get("best", [])), list(ckpt.get("history", []))
         log.info("resumed from %s at step %d", resume_from, start)
     if rank == 0:
-        _tidy_snapshots(out_dir, best)
+        best = _tidy_snapshots(out_dir, best)
     compiled = compile_enabled(tp.compile, device, sync_bn)
     forward_loss = build_forward_loss(model, loss_fn, tp.aux_weight, device, compiled)
     batches = _train_batches(tp, train_shards, rank, world, local_batch, start, device)
@@ -129,6 +132,7 @@ def train(
         device, prec, compile=compiled, channels_last=channels_last, world_size=world,
         sync_bn=sync_bn, loader_workers=tp.workers,
     )  # fmt: skip
+    check_same_working_point(point)  # before the first step: nodes that would train apart
 
     def save_last(step: int) -> None:
         rng = _gather(_rng_state(device))  # every rank's own RNG (a collective)
@@ -151,6 +155,7 @@ def train(
                 out_dir / LAST,
                 keep_previous=True,  # last-prev.pt: what --auto-resume falls back to
             )
+            cb.on_checkpoint(out_dir / LAST, step)
 
     # ---- the loop
     loss_sum = torch.zeros((), device=device)  # summed on the device, read at each report
@@ -221,7 +226,7 @@ def train(
         "best_miou": best[0]["miou"] if best else None,
         "best_checkpoint": str(out_dir / BEST) if best else None,
         "last_checkpoint": str(out_dir / LAST),
-        "best_k": [b["path"] for b in best],
+        "best_k": [str(_snapshot(out_dir, b)) for b in best],
         "working_point": point,
         "history": history,
     }
@@ -537,17 +542,53 @@ def _normal(cfg: dict | None) -> dict | None:
 # ----------------------------------------------------------------------------- best-k snapshots
 
 
-def _tidy_snapshots(out_dir: Path, best: list[dict]) -> None:
+def _snapshot(out_dir: Path, entry: dict) -> Path:
+    """A best-k entry's file: its name in `out_dir`, wherever the run was when it wrote it
+    (entries hold the name only; older checkpoints hold a path)."""
+    return out_dir / Path(entry["path"]).name
+
+
+# what every process of one run must have resolved alike: the numbers they compute together
+SHARED_POINT = ("precision", "compile", "channels_last", "torch", "cuda", "cudnn")
+
+
+def check_same_working_point(point: dict) -> None:
+    """Every process of the group resolved the same working point (precision, compile,
+    channels-last, torch / CUDA / cuDNN), else a one-line error before the first step: a
+    bf16 node beside an fp16 + GradScaler node would all-reduce gradients of two different
+    runs. Params are compared before (stages/launch.py check_same_params)."""
+    from pipeline.engine.distributed import gather_objects
+
+    mine = {k: point.get(k) for k in SHARED_POINT}
+    everyone = gather_objects(mine)
+    for rank, theirs in enumerate(everyone):
+        differ = [k for k in SHARED_POINT if theirs[k] != everyone[0][k]]
+        if differ:
+            what = ", ".join(
+                f"{k} {everyone[0][k]} on rank 0, {theirs[k]} on rank {rank}" for k in differ
+            )
+            raise ConfigError(
+                f"the processes resolved different working points ({what}): give every node "
+                "the same train.amp / train.compile / train.channels_last (not auto) or the "
+                "same kind of device and software"
+            )
+
+
+def _tidy_snapshots(out_dir: Path, best: list[dict]) -> list[dict]:
     """Snapshots on disk = the run's best-k list: a new run drops an old run's, a resumed one
-    drops those written after its last.pt (a timeline that was lost with the kill)."""
-    keep = {Path(b["path"]).name for b in best}
+    drops those written after its last.pt (a timeline that was lost with the kill). Entries
+    whose file is not in `out_dir` (a checkpoint fetched from another machine's run) leave
+    the list: the snapshots are this folder's files. Returns the list that stays."""
+    best = [b for b in best if _snapshot(out_dir, b).is_file()]
+    keep = {_snapshot(out_dir, b).name for b in best}
     for f in out_dir.glob("best-*.pt"):
         if f.name not in keep:
             f.unlink()
     if best:
-        atomic_copy(best[0]["path"], out_dir / BEST)
+        atomic_copy(_snapshot(out_dir, best[0]), out_dir / BEST)
     else:
         (out_dir / BEST).unlink(missing_ok=True)
+    return best
 
 
 def _keep_best(
@@ -573,13 +614,13 @@ def _keep_best(
         "val_miou": miou,
     }
     k = tp.keep_best
-    entry = {"miou": float(miou), "step": step, "path": str(out_dir / f"best-{step:07d}.pt")}
+    entry = {"miou": float(miou), "step": step, "path": f"best-{step:07d}.pt"}  # in out_dir
     ranked = sorted([*best, entry], key=lambda e: (-e["miou"], e["step"]))
     keep, drop = ranked[:k], ranked[k:]
     if entry in keep:
-        checkpoint.save_atomic(snap, entry["path"])
+        checkpoint.save_atomic(snap, _snapshot(out_dir, entry))
         if keep[0] is entry:
             checkpoint.save_atomic(snap, out_dir / BEST)
     for e in drop:
-        Path(e["path"]).unlink(missing_ok=True)
+        _snapshot(out_dir, e).unlink(missing_ok=True)
     return keep

@@ -1,6 +1,8 @@
 """`seg flow`, `seg serve`, `seg deploy`: the DVC graph as a Prefect flow, now or on a schedule.
 
-Each flow task runs one DVC stage (DVC decides what is stale). Without PREFECT_API_URL,
+Each flow task runs one DVC stage (DVC decides what is stale). `seg flow` runs in this
+project, as `dvc exp run` does; a deployment's runs (`seg serve`, `seg deploy`) are
+experiments pinned to a commit, each in a workspace of its own (stages/runs.py). Without PREFECT_API_URL,
 `seg flow` runs in Prefect's ephemeral mode (no server to start). To see runs in the UI:
 `prefect server start --host 127.0.0.1` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`.
 Prefect and DVC are imported inside the commands, so `seg --help` stays fast.
@@ -9,7 +11,6 @@ Prefect and DVC are imported inside the commands, so `seg --help` stays fast.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -21,12 +22,32 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--set", "-S",
-        help="Override a param, e.g. -S train.lr=0.02 (repeatable): written to params.yaml "
-        "and saved as a DVC experiment, as `dvc exp run -S` does.",
+        help="Override a param, e.g. -S train.lr=0.02 (repeatable). `seg flow`: written to "
+        "params.yaml and saved as a DVC experiment, as `dvc exp run -S` does; a deployment: "
+        "its runs' overrides, applied in each run's own workspace.",
     ),
 ]  # fmt: skip
 LogEveryOpt = Annotated[int, typer.Option(help="Log training progress every N steps.")]
-NameOpt = Annotated[str, typer.Option(help="Deployment name.")]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(help="Deployment name (default: the repository's name, from its git remote)."),
+]
+BranchOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Each scheduled run takes the tip of this branch when it starts (default: the "
+        "branch checked out here); a run may name a commit instead (parameter `commit`)."
+    ),
+]
+LimitOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--limit",
+        help="Seconds a run's commands may take, NAME=SECONDS (repeatable): git (300), dvc "
+        "(3600: pull, push, exp save), stage (604800: one stage, training included), lock "
+        "(600: waiting for DVC's lock).",
+    ),
+]
 CronOpt = Annotated[str, typer.Option(help="When to run (cron; UTC unless --timezone).")]
 TimezoneOpt = Annotated[
     str | None, typer.Option(help="IANA timezone of --cron, e.g. Europe/Berlin.")
@@ -73,14 +94,15 @@ def flow(
     set_: SetOpt = None,
     log_every: LogEveryOpt = 50,
 ) -> None:
-    """Run the pipeline flow now: each stale DVC stage runs, the rest are reported up to date."""
+    """Run the pipeline flow now, in this project (as `dvc exp run`: the results show here):
+    each stale DVC stage runs, the rest are reported up to date."""
     api = _prepare(set_)
     from stages import flows
     from stages.progress import console
 
     root = flows.project_root()
     flows.stage_plan(root, targets)  # an unknown stage fails in one line, before any run
-    with flows.ephemeral_startup() if api is None else nullcontext():
+    with flows.ephemeral_startup() if api is None else flows.safe_urls():
         result = flows.pipeline_flow(targets=targets, overrides=set_ or [], log_every=log_every)
     for stage, outcome in result["stages"].items():
         console.print(f"{stage}: {outcome}", highlight=False)
@@ -96,23 +118,30 @@ def flow(
 
 @cli_errors
 def serve(
-    name: NameOpt = "nightly",
+    name: NameOpt = None,
     cron: CronOpt = "0 3 * * *",
     timezone: TimezoneOpt = None,
     set_: SetOpt = None,
     collision: CollisionOpt = "skip",
+    branch: BranchOpt = None,
+    limit: LimitOpt = None,
 ) -> None:
-    """Serve the pipeline flow on a schedule until Ctrl-C; runs execute in this folder, one at a time."""
+    """Serve the pipeline flow on a schedule until Ctrl-C, one run at a time: each run is an
+    experiment at the tip of the branch, in a workspace of its own; this clone is not changed
+    (the experiment's ref lands in it, as `dvc exp run --temp` leaves it)."""
     api = _prepare(set_)
     from prefect import serve as prefect_serve
 
-    from stages import flows
+    from stages import flows, runs
     from stages.progress import console
 
-    deployment = flows.deployment(name, cron, timezone, set_, collision)
-    flows.project_root()  # runs execute here: fail now, not at 3 a.m.
+    flows.check_options(cron, timezone, collision, limit)
+    root = flows.project_root()  # runs start from here: fail now, not at 3 a.m.
+    branch = branch or runs.current_branch(root, runs.Limits())
+    name = name or flows.default_name(root)
+    deployment = flows.deployment(name, cron, timezone, set_, collision, branch, limit)
     # the runs it starts send heartbeats; a run whose heartbeats stop is marked Crashed
-    os.environ.update(flows.heartbeat_env())
+    os.environ.update(flows.run_env())
     if api is not None:
         flows.crash_silent_runs(deployment.apply(), f"{flows.pipeline_flow.name}/{name}")
     if api is None:
@@ -123,14 +152,14 @@ def serve(
             highlight=False,
             soft_wrap=True,
         )
-    with flows.ephemeral_startup() if api is None else nullcontext():
+    with flows.ephemeral_startup() if api is None else flows.safe_urls():
         prefect_serve(deployment)
 
 
 @cli_errors
 def deploy(
     pool: Annotated[str, typer.Option(help="Work pool whose workers run the flow.")],
-    name: NameOpt = "nightly",
+    name: NameOpt = None,
     cron: CronOpt = "0 3 * * *",
     timezone: TimezoneOpt = None,
     set_: SetOpt = None,
@@ -142,15 +171,23 @@ def deploy(
             " the clone each worker's environment variable NAME points to."
         ),
     ] = None,
+    branch: BranchOpt = None,
+    limit: LimitOpt = None,
 ) -> None:
-    """Register the scheduled pipeline on a work pool; `prefect worker start --pool POOL` runs it."""
+    """Register the scheduled pipeline on a work pool; `prefect worker start --pool POOL` runs
+    it. Each run is an experiment at a commit (the branch's tip, or the run's `commit`), in a
+    workspace of its own made from the worker's clone, which it never changes."""
     api = _prepare(set_, need_server=True)
-    from stages import flows
+    from stages import flows, runs
     from stages.progress import console
 
+    flows.check_options(cron, timezone, collision, limit)
+    root = flows.project_root()
+    branch = branch or runs.current_branch(root, runs.Limits())
+    name = name or flows.default_name(root)
     variable = flows.workdir_variable(workdir or "")
-    where = workdir if variable else (Path(workdir) if workdir else flows.project_root()).absolute()
-    deployment_id = flows.deploy(pool, name, cron, timezone, set_, collision, where)
+    where = workdir if variable else (Path(workdir) if workdir else root).absolute()
+    deployment_id = flows.deploy(pool, name, cron, timezone, set_, collision, where, branch, limit)
     start = f"{variable}=/path/to/clone " if variable else ""
     console.print(
         f"deployment seg-pipeline/{name} ({deployment_id}) on work pool {pool!r} at {api}: "
