@@ -556,20 +556,6 @@ def _why_not_resumable(ckpt: dict, p: Params) -> str | None:
     return None
 
 
-def _resumable(last: Path, p: Params, strict: bool = False) -> bool:
-    """Can `last` itself be continued with these params? With strict (`seg train --resume`),
-    a no is an error saying why; otherwise the reason is logged."""
-    from pipeline.engine.checkpoint import load
-    from pipeline.errors import CheckpointError
-
-    reason = "no checkpoint yet" if not last.is_file() else _why_not_resumable(load(last), p)
-    if reason and strict:
-        raise CheckpointError(f"{last}: cannot resume: {reason}")
-    if reason:
-        log.warning("%s: %s; starting a new run", last, reason)
-    return reason is None
-
-
 def _workers(n: int) -> int:
     return n or os.cpu_count() or 1
 
