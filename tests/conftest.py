@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from servers import prefect_server  # noqa: F401  (one Prefect server per pytest run)
 
 # The real data beside the checkout (../shared/data); tests that read it skip without it.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
