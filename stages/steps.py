@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from pipeline.atomic import atomic_files, atomic_write
@@ -133,7 +133,7 @@ def preprocess(
     )  # fmt: skip
 
 
-class Resume(str, Enum):
+class Resume(StrEnum):
     """What `train` does with an existing last.pt."""
 
     NEW = "new"  # start a new run (`seg train`)
