@@ -46,4 +46,4 @@ node:
 
 # The docs site (mkdocs-material): docs/, built strictly into site/
 docs: install
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
