@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every fault of the README's faults table, in a fresh clone on CPU (issue 17): one line per
-# case, "N/N faults survived" last. About 15 minutes on 2 CPU cores, plus the install.
+# Every fault of the faults table (docs/how-to/faults.md), in a fresh clone on CPU (issue 17):
+# one line per case, "N/M faults survived" last. About 15 minutes on 2 CPU cores, plus the install.
 #
 #   bash benchmarks/faults.sh                  # clone HEAD to a temporary folder, `make install` there
 #   bash benchmarks/faults.sh --venv .venv     # reuse an installed environment instead
