@@ -158,8 +158,9 @@ class PageShell:
     """One bash for a page, as a user's terminal: blocks run in order and share its state
     (cwd, exported variables, an activated venv); any failing command fails the block."""
 
-    def __init__(self, proj: Path, env: dict, scratch: Path, port: int) -> None:
+    def __init__(self, page: str, proj: Path, env: dict, scratch: Path, port: int) -> None:
         self.proj, self.scratch, self.port, self.n = proj, scratch, port, 0
+        self.name = page.removesuffix(".md").replace("/", "-")  # its blocks' files: NAME-N.sh
         self.proc = subprocess.Popen(
             ["bash", "--noprofile", "--norc"], cwd=proj, env=env, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -175,7 +176,7 @@ class PageShell:
 
     def _script(self, text: str) -> Path:
         self.n += 1
-        path = self.scratch / f"block-{self.n}.sh"
+        path = self.scratch / f"{self.name}-{self.n}.sh"
         path.write_text(text.replace(PREFECT_PORT, f"127.0.0.1:{self.port}") + "\n")
         return path
 
@@ -235,10 +236,10 @@ class PageShell:
             time.sleep(0.5)
 
     def close(self) -> None:
-        """Stop the page's background blocks (Ctrl-C, as a user would; SIGKILL after 30 s),
+        """Stop the page's background blocks (Ctrl-C, as a user would; SIGTERM after 5 s),
         newest first, then the shell."""
         for pid, _, _ in reversed(self.background):
-            for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+            for sig, wait in ((signal.SIGINT, 5), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
                 if not _alive(pid):
                     break
                 os.killpg(pid, sig)
@@ -271,7 +272,9 @@ def _scratch_clone(path: Path) -> Path:
         if src.is_file():
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, path / name)
-    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    # 4 images a step: 2 a process where a page trains on 2 processes (BatchNorm needs 2)
+    scaled = tiny_params(**{"train.batch_size": 4})
+    (path / "params.yaml").write_text(yaml.safe_dump(scaled, sort_keys=False))
     (path / ".venv").symlink_to(VENV)
     old = time.mktime((2000, 1, 1, 0, 0, 0, 0, 0, -1))
     for name in ("pyproject.toml", "constraints.txt"):
@@ -307,7 +310,7 @@ def test_every_shell_block_in_the_docs_runs(scratch):
         runnable = [b for b in blocks(page) if b.lang in RUN]
         if not runnable:
             continue
-        shell = PageShell(proj, env, base, port)
+        shell = PageShell(page, proj, env, base, port)
         try:
             for block in runnable:
                 kind = KINDS.match(block.note) if block.note else None
@@ -320,6 +323,7 @@ def test_every_shell_block_in_the_docs_runs(scratch):
                 else:
                     shell.run(block)
                 ran.append(f"{block.where}: {time.monotonic() - started:.1f} s")
+                print(f"ran {ran[-1]}", flush=True)
         finally:
             shell.close()
     took = time.monotonic() - t0
