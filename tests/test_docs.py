@@ -284,7 +284,7 @@ def _scratch_clone(path: Path) -> Path:
 
 @pytest.mark.slow  # minutes: the tutorial end to end, scaled down; `make test-slow` (and CI)
 @pytest.mark.e2e
-def test_every_shell_block_in_the_docs_runs(scratch):
+def test_every_shell_block_in_the_docs_runs(scratch, request):
     base = scratch("docs")
     proj = _scratch_clone(base / "proj")
     home = base / "home"
@@ -329,7 +329,7 @@ def test_every_shell_block_in_the_docs_runs(scratch):
     took = time.monotonic() - t0
     report = [f"docs: {len(ran)} blocks ran in {took:.0f} s, {len(skipped)} skipped"]
     report += [f"  ran {r}" for r in ran] + [f"  skipped {s}" for s in skipped]
-    print("\n".join(report))  # `pytest -s` shows it; CI's log has it
+    request.config.docs_report = report  # conftest prints it after the run's summary
     # the demo ran end to end
     assert (proj / "outputs/eval/metrics.json").is_file()
     assert not socket_in_use(port), "a background block outlived its page"
