@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow test-all lint install
+.PHONY: demo test test-slow test-all lint install node docs
 
 $(BIN)/seg: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -31,3 +31,19 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# A GPU node: the core package (and s3fs) into the Python that already has the node's torch
+# (PY=python, a conda env's, ...), which it never replaces: pip gets the installed torch's
+# version as a constraint, so it picks the torchvision made for that torch (an unpinned
+# torchvision would pull in the newest torch). NODE_PIP: more pip options (--dry-run ...).
+NODE_EXTRAS ?= s3
+node:
+	@c=$$(mktemp) && $(PY) -c 'import importlib.metadata as m, sys; \
+	  v = {(d.metadata["Name"] or "").lower(): d.version for d in m.distributions()}.get("torch"); \
+	  print("torch==" + v) if v else sys.exit(f"error: no torch in {sys.executable}: install the node torch first")' > $$c \
+	  && echo "keeping $$(cat $$c) ($(PY))" \
+	  && $(PY) -m pip install -e '.[$(NODE_EXTRAS)]' -c $$c $(NODE_PIP); s=$$?; rm -f $$c; exit $$s
+
+# The docs site (mkdocs-material): docs/, built strictly into site/
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

@@ -104,7 +104,7 @@ def worker_args(
 
 
 def train_args(params: Path | str, overrides: Sequence[str] | None, resume: str) -> list[str]:
-    """`seg train` for each worker; `resume` is a stages.steps.Resume value."""
+    """`seg train` for each worker; `resume` is a stages.resume.Resume value."""
     flag = {"auto": ["--auto-resume"], "continue": ["--resume"]}.get(
         getattr(resume, "value", resume), []
     )

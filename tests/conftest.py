@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from servers import prefect_server  # noqa: F401  (one Prefect server per pytest run)
 
 # The real data beside the checkout (../shared/data); tests that read it skip without it.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -167,3 +168,10 @@ def learned_project(tmp_path_factory) -> Path:
 def trained_project(tmp_path_factory) -> Path:
     """A tiny project trained for 4 steps (shared, read-only for tests: copy before changing)."""
     return _trained(make_project(tmp_path_factory.mktemp("proj")))
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """What tests/test_docs.py ran and skipped, by name, at the end of every run that ran it
+    (not only under `pytest -s`): a skipped docs block is never silent."""
+    for line in getattr(config, "docs_report", []):
+        terminalreporter.write_line(line)

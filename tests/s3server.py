@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port, stop  # noqa: F401  (free_port: test_multihost imports it from here)
 
 REGION = "us-east-1"
 
@@ -61,12 +61,6 @@ class S3Server:
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(folder: Path) -> tuple[subprocess.Popen, S3Server]:
     """`moto_server` on a free loopback port, its log in `folder`; a user with s3:* rights."""
     import boto3
@@ -90,7 +84,7 @@ def start(folder: Path) -> tuple[subprocess.Popen, S3Server]:
             break
         except httpx.HTTPError:
             if time.monotonic() > deadline:
-                stop(proc)
+                stop(proc, signal.SIGTERM)
                 raise RuntimeError(f"moto server not up after 60 s:\n{log.read_text()}") from None
             time.sleep(0.2)
     iam = boto3.client(
@@ -105,16 +99,6 @@ def start(folder: Path) -> tuple[subprocess.Popen, S3Server]:
     return proc, S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"], log)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def s3(scratch) -> Iterator[S3Server]:
     """A moto S3 server for the module (import this fixture into a test module)."""
@@ -122,7 +106,7 @@ def s3(scratch) -> Iterator[S3Server]:
     try:
         yield server
     finally:
-        stop(proc)
+        stop(proc, signal.SIGTERM)
 
 
 @pytest.fixture

@@ -227,3 +227,22 @@ def test_embedded_cityscapes_table_is_the_official_one():
     from pipeline.data.labels import CITYSCAPES_LABELS
 
     assert [tuple(lab) for lab in CITYSCAPES_LABELS] == [tuple(lab) for lab in official]
+
+
+@pytest.mark.parametrize("module", ["camvid", "voc", "vkitti"])
+def test_an_adapter_module_does_not_import_the_dispatcher(module):
+    """The imports point one way: sources.get_adapter loads an adapter, an adapter loads only
+    the shared types (pipeline/data/adapter.py), never sources.py back (a fresh interpreter,
+    so nothing this session imported hides a cycle)."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, pipeline.data.{module}\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pipeline.')))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"pipeline.data.{module}" in loaded and "pipeline.data.adapter" in loaded
+    assert "pipeline.data.sources" not in loaded

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import LEARN, LEARNED_MIOU, tiny_params
+from helpers import lock_out as _lock_out
 
 pytestmark = pytest.mark.e2e
 
@@ -123,14 +124,6 @@ def _metrics(path: Path) -> dict:
 
 def _lock(path: Path) -> dict:
     return yaml.safe_load((path / "dvc.lock").read_text())["stages"]
-
-
-def _lock_out(path: Path, out: str) -> dict:
-    for stage in _lock(path).values():
-        for o in stage.get("outs", []):
-            if o["path"] == out:
-                return o
-    raise AssertionError(f"{out} is not an output in dvc.lock")
 
 
 def _file_hash(path: Path, algo: str) -> str:

@@ -40,12 +40,11 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
     assert b["step"] == 6 and resumed["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert resumed["best_miou"] == whole["best_miou"]
-    # a finished run, or other params, is not resumed: it trains afresh
+    # `seg train --resume` refuses other params, and a finished run, saying why (the starts
+    # --auto-resume chooses instead: tests/test_faults.py)
     p2 = steps.load("params.yaml", ["train.iterations=6", "train.val_interval=3", "train.lr=0.02"])
-    assert not steps._resumable(proj / "outputs/train/last.pt", p2)
-    assert not steps._resumable(proj / "outputs/train/last.pt", p)
-    with pytest.raises(CheckpointError, match="train.lr"):  # seg train --resume says why
-        steps._resumable(proj / "outputs/train/last.pt", p2, strict=True)
+    with pytest.raises(CheckpointError, match="train.lr"):
+        steps.plan_resume(proj / "outputs/train/last.pt", p2, steps.Resume.CONTINUE)
     result = runner.invoke(
         app, ["train", "--resume", "-S", "train.iterations=6", "-S", "train.val_interval=3"]
     )

@@ -14,18 +14,21 @@ import hashlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
+from helpers import eventually as _eventually
+from helpers import free_port as _free_port
+from helpers import lock_md5 as _lock_md5
+from helpers import run_states, running_intervals, wait_final
+from helpers import start as _start
+from helpers import stop as _stop
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -53,66 +56,13 @@ STAGES += ["kfold_split", "kfold_summary"]
 TRAIN_PLAN = ["synth", "preprocess@train", "preprocess@val", "train"]  # `seg flow train`
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _eventually(check: Callable[[], object], timeout: float = 30.0, every: float = 0.5):
-    """Runs, task-run states and logs reach the API in the background: poll until `check`
-    passes (returns its value)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(every)
-
-
 # ----------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
-def server(scratch) -> Iterator[str]:
-    """A real `prefect server start` on a free loopback port, with its own home and database.
-    A queued run retries for its slot every 2 s (default 30 s), to keep the test short."""
-    home = scratch("prefect-server")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-    }
-    env.pop("PREFECT_API_URL", None)
-    log = home / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(port), "--no-ui", "--analytics-off"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server not healthy after 90 s:\n{log.read_text()}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        _stop(proc, signal.SIGTERM)
+def server(prefect_server) -> str:
+    """The session's real `prefect server` (tests/servers.py)."""
+    return prefect_server.url
 
 
 @pytest.fixture(scope="module")
@@ -151,24 +101,6 @@ def _set_param(proj: Path, section: str, key: str, value) -> None:
     (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
-    """Stop a process we started and its children (Ctrl-C for `seg serve` and workers)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -180,14 +112,6 @@ def _md5(path: Path) -> str:
 def _fingerprint(path: Path) -> tuple:
     st = path.stat()
     return st.st_ino, st.st_mtime_ns, st.st_size, _sha256(path)
-
-
-def _lock_md5(proj: Path, out: str) -> str:
-    for stage in yaml.safe_load((proj / "dvc.lock").read_text())["stages"].values():
-        for o in stage.get("outs", []):
-            if o["path"] == out:
-                return o["md5"]
-    raise AssertionError(f"{out} is not an output in dvc.lock")
 
 
 def _assert_consistent(proj: Path, stale: tuple[str, ...] = ()) -> None:
@@ -229,28 +153,12 @@ def _stage_table(client, flow_run_id) -> dict[str, str]:
     return {s.strip(): r.strip() for s, r in rows if s.strip() not in ("stage", "---")}
 
 
-def _history(client, run) -> list:
-    """A flow run's states, oldest first."""
-    return sorted(client.read_flow_run_states(run.id), key=lambda s: s.timestamp)
-
-
-def _running(client, run) -> list[tuple]:
-    """(start, end) of each time the run was Running, from its state history: a Running
-    state until the next state (end None: still Running)."""
-    states = _history(client, run)
-    return [
-        (s.timestamp, after.timestamp if after else None)
-        for s, after in zip(states, [*states[1:], None], strict=True)
-        if s.is_running()
-    ]
-
-
 def _describe(client, runs) -> str:
     """Each run's due time and state history (repeats counted), for failure messages."""
     lines = []
     for r in runs:
         steps: list[list] = []  # [name, first timestamp, count]
-        for s in _history(client, r):
+        for s in run_states(client, r.id):
             if steps and steps[-1][0] == s.name:
                 steps[-1][2] += 1
             else:
@@ -489,12 +397,12 @@ def _assert_never_overlapped(client, runs, newcomers, train) -> tuple:
     the same time, as each run's state history says. Returns the first's Running span."""
     for r in newcomers:
         assert train.start_time < r.expected_start_time < train.end_time, _describe(client, runs)
-    spans = sorted(span for r in runs for span in _running(client, r))
+    spans = sorted(span for r in runs for span in running_intervals(client, r.id))
     assert all(end is not None for _, end in spans), _describe(client, runs)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), _describe(
         client, runs
     )
-    (first_span,) = _running(client, runs[0])
+    (first_span,) = running_intervals(client, runs[0].id)
     took = (train.end_time - train.start_time).total_seconds()
     # shown by `pytest -s`: how long train took, the order the runs took the slot
     print(f"train stage: {took:.1f} s\n{_describe(client, runs)}")
@@ -521,7 +429,7 @@ def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj, cpu_load):
                 assert r.state.is_cancelled(), _describe(client, runs)
                 assert r.state.message == "Deployment concurrency limit reached."
                 assert r.state.timestamp < train.end_time
-                assert r.run_count == 0 and not _running(client, r)
+                assert r.run_count == 0 and not running_intervals(client, r.id)
             table = _eventually(lambda: _stage_table(client, first.id))
     assert table == {s: "ran" if s == "train" else "up to date" for s in TRAIN_PLAN}
     # the first run is the one experiment; the project itself is as committed
@@ -543,10 +451,12 @@ def test_overlapping_scheduled_runs_queue_the_newcomer(server, proj, cpu_load):
                 # it waited for the slot while the first ran, then ran after it (in any
                 # order among themselves: each retries for the slot on its own)
                 waits = [
-                    s.timestamp for s in _history(client, r) if s.name == "AwaitingConcurrencySlot"
+                    s.timestamp
+                    for s in run_states(client, r.id)
+                    if s.name == "AwaitingConcurrencySlot"
                 ]
                 assert waits and min(waits) < first_end, _describe(client, runs)
-                (span,) = _running(client, r)
+                (span,) = running_intervals(client, r.id)
                 assert span[0] >= first_end
                 # and found everything up to date: the first run's experiment, of the same
                 # commit and params, was reused
@@ -674,13 +584,7 @@ def test_deployment_on_a_process_work_pool_runs_on_a_worker(server, proj, tmp_pa
                     "0 3 * * *", "Europe/Berlin",
                 )  # fmt: skip
                 run = client.create_flow_run_from_deployment(d.id)
-
-                def finished():
-                    r = client.read_flow_run(run.id)
-                    assert r.state.is_final(), r.state
-                    return r
-
-                r = _eventually(finished, timeout=180, every=1)
+                r = wait_final(client, run.id, timeout=180, every=1)
                 log = (tmp_path / "worker.log").read_text()
                 assert r.state.is_completed(), f"{r.state}\n{log}"
                 assert r.work_pool_name == pool
@@ -823,32 +727,17 @@ def test_flow_trains_on_several_processes_when_the_stage_command_says_so(server,
 def auth_server(scratch) -> Iterator[tuple[int, str]]:
     """A real `prefect server` that wants Basic credentials (PREFECT_SERVER_API_AUTH_STRING):
     (its port, the password)."""
-    home = scratch("prefect-auth")
-    port, password = _free_port(), "s3cret-pw-42"
-    env = {
-        **os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_API_AUTH_STRING": f"seg:{password}",
-    }  # fmt: skip
-    env.pop("PREFECT_API_URL", None)
-    proc = _start(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-         str(port), "--no-ui", "--analytics-off"], home, env, home / "server.log",
-    )  # fmt: skip
+    from servers import PrefectServer
 
-    def healthy():
-        assert proc.poll() is None, (home / "server.log").read_text()
-        try:
-            r = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2)
-        except httpx.HTTPError as exc:
-            raise AssertionError(str(exc)) from None
-        assert r.status_code == 200
-
+    password = "s3cret-pw-42"
+    server = PrefectServer(
+        scratch("prefect-auth"), PREFECT_SERVER_API_AUTH_STRING=f"seg:{password}"
+    )
+    server.start()
     try:
-        _eventually(healthy, timeout=120)
-        yield port, password
+        yield server.port, password
     finally:
-        _stop(proc, signal.SIGTERM)
+        server.stop()
 
 
 @pytest.mark.e2e

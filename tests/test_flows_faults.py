@@ -22,19 +22,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 import yaml
+from helpers import eventually as _eventually
+from helpers import run_logs, wait_final
+from helpers import start as _start
+from helpers import stop as _stop_group
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    LogFilter,
-    LogFilterFlowRunId,
-)
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from servers import PrefectServer
 from test_dvc import _copy, _env, _new_project, git
-from test_flows import _eventually
-from test_flows import _stop as _stop_group
 
 from stages import flows, runs
 
@@ -65,54 +63,6 @@ def report(case: str, detail: str) -> None:
     print(f"{case}: {detail}")
 
 
-class PrefectServer:
-    """`prefect server start` on a fixed port and database, which a test may stop and start."""
-
-    def __init__(self, home: Path) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.home, self.proc = home, None
-        self.url = f"http://127.0.0.1:{self.port}/api"
-
-    def start(self) -> float:
-        """Start and wait until healthy; returns the seconds that took."""
-        t0 = time.monotonic()
-        env = {
-            **os.environ,
-            "PREFECT_HOME": str(self.home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
-            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-        }  # fmt: skip
-        env.pop("PREFECT_API_URL", None)
-        with open(self.home / "server.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--no-ui", "--analytics-off"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"prefect server exited:\n{(self.home / 'server.log').read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > 120:
-                pytest.fail(
-                    f"no healthy server in 120 s:\n{(self.home / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            _stop_group(self.proc, signal.SIGTERM)
-
-
 def _proc_env(proj: Path, api: str, **extra: str) -> dict[str, str]:
     home = proj.parent / f"{proj.name}-home"
     home.mkdir(exist_ok=True)
@@ -121,13 +71,6 @@ def _proc_env(proj: Path, api: str, **extra: str) -> dict[str, str]:
     if api:
         env["PREFECT_API_URL"] = api
     return env
-
-
-def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
 
 
 def _worker(proj: Path, api: str, pool: str, log: Path) -> subprocess.Popen:
@@ -205,28 +148,6 @@ def _exp_miou(proj: Path, run) -> float:
     refs = git(proj, "for-each-ref", "--format=%(refname)", "refs/exps").split()
     (ref,) = [r for r in refs if r.endswith(f"/{name}")]
     return json.loads(git(proj, "show", f"{ref}:outputs/eval/metrics.json"))["miou"]
-
-
-def _final(client, run_id, timeout: float):
-    def final():
-        r = client.read_flow_run(run_id)
-        assert r.state.is_final(), r.state
-        return r
-
-    return _eventually(final, timeout=timeout, every=0.5)
-
-
-def _logs(client, run_id) -> str:
-    """All of a run's logs in the API (200 a page)."""
-    messages: list[str] = []
-    while True:
-        page = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
-            limit=200, offset=len(messages),
-        )  # fmt: skip
-        messages += [log.message for log in page]
-        if len(page) < 200:
-            return "\n".join(messages)
 
 
 def _miou(proj: Path) -> float:
@@ -315,11 +236,11 @@ def test_worker_killed_machine_lost_server_restarted_and_nothing_lost(
             os.kill(worker.pid, signal.SIGKILL)
             killed = time.monotonic()
             worker.wait()
-            r = _final(c, run.id, timeout=120)
+            r = wait_final(c, run.id, timeout=120)
             took1 = time.monotonic() - killed
             assert r.state.is_crashed(), r.state
             assert r.state.message == "Execution was aborted by a termination signal.", r.state
-            assert f"the worker that started this run (PID {worker.pid}) is gone" in _logs(
+            assert f"the worker that started this run (PID {worker.pid}) is gone" in run_logs(
                 c, run.id
             )
             _eventually(lambda: _no_processes(proj), timeout=30)
@@ -344,7 +265,7 @@ def test_worker_killed_machine_lost_server_restarted_and_nothing_lost(
             killed = time.monotonic()
             step2 = _stored_step(proj)  # all dead: nothing pushes any more
             (left,) = proj.glob(".dvc/tmp/seg/runs/*")  # a lost machine cleans nothing up
-            r = _final(c, run.id, timeout=flows.CRASH_AFTER_S + 90)
+            r = wait_final(c, run.id, timeout=flows.CRASH_AFTER_S + 90)
             took2 = time.monotonic() - killed
         finally:
             _stop_group(worker, signal.SIGKILL)
@@ -369,7 +290,7 @@ def test_worker_killed_machine_lost_server_restarted_and_nothing_lost(
             server.start()
             down = time.monotonic() - t0
             logged_at_start = _logged_step(proj)
-            r = _final(c, run.id, timeout=600)
+            r = wait_final(c, run.id, timeout=600)
         finally:
             _stop_group(worker)
         assert r.state.is_completed(), (r.state, (tmp_path / "worker-3.log").read_text()[-3000:])
@@ -377,7 +298,7 @@ def test_worker_killed_machine_lost_server_restarted_and_nothing_lost(
         # the run's logs up to the stop are on the server; what it logged while the server was
         # down may be lost (the rest of training and evaluate can end in those seconds); its
         # `dvc-stages` artifact, written at its end, says what each stage did
-        text = _logs(c, run.id)
+        text = run_logs(c, run.id)
         rows = _stage_rows(c, run.id)
     assert f"removed the workspaces of 1 run(s) that are gone: {left.name}" in text, text
     assert f"(step {step2}, pushed by run {left.name})" in text, text

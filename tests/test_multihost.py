@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,12 +30,15 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_params
+from helpers import eventually as _eventually
+from helpers import no_secret, run_logs, wait_final
+from helpers import start as _start
+from helpers import stop as _stop
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from s3server import S3Server, free_port, s3  # noqa: F401
 from test_dvc import _env, _new_project
-from test_flows import _eventually, _stage_table, _start, _stop
+from test_flows import _stage_table
 
 from stages import runs
 
@@ -50,38 +52,9 @@ PARAMS = {"train.amp": "off", "evaluate.amp": "off"}
 
 
 @pytest.fixture(scope="module")
-def server(scratch):
-    """A real `prefect server start` on a free loopback port, its own home and database. A
-    queued run retries for its slot every 2 s (default 30 s)."""
-    import httpx
-
-    home = scratch("prefect-server")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-    }
-    env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-           "--port", str(port), "--no-ui", "--analytics-off"]  # fmt: skip
-    proc = _start(cmd, home, env, home / "server.log")
-    url = f"http://127.0.0.1:{port}/api"
-
-    def healthy():
-        assert proc.poll() is None, (home / "server.log").read_text()
-        try:
-            assert httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError as exc:
-            raise AssertionError(str(exc)) from None
-
-    try:
-        _eventually(healthy, timeout=120)
-        yield url
-    finally:
-        _stop(proc, signal.SIGTERM)
+def server(prefect_server) -> str:
+    """The session's Prefect server (tests/servers.py); this module's names are its own."""
+    return prefect_server.url
 
 
 @dataclass
@@ -139,35 +112,6 @@ def host(path: Path, s3: S3Server, api: str) -> Host:
     return Host(path, env)
 
 
-def wait_final(client, run_id, timeout: float = 400):
-    def final():
-        r = client.read_flow_run(run_id)
-        assert r.state.is_final(), r.state
-        return r
-
-    return _eventually(final, timeout=timeout, every=1)
-
-
-def run_logs(client, run_id, until: str = "pushed experiment") -> str:
-    """All log lines of a flow run (pages of 200, the server's limit), once `until` is among
-    them (logs reach the API in batches, after the state)."""
-
-    def read() -> str:
-        lines: list[str] = []
-        while True:
-            page = client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
-                limit=200, offset=len(lines),
-            )  # fmt: skip
-            lines += [log.message for log in page]
-            if len(page) < 200:
-                text = "\n".join(lines)
-                assert until in text, text
-                return text
-
-    return _eventually(read, timeout=30)
-
-
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a process and everything under it, as a machine that goes down (torchrun
     starts its workers in sessions of their own, so a process group is not enough)."""
@@ -182,21 +126,6 @@ def kill_tree(proc: subprocess.Popen) -> None:
         except psutil.NoSuchProcess:
             pass
     proc.wait()
-
-
-def no_secret(s3: S3Server, folders: list[Path], texts: list[str]) -> int:
-    """Neither the secret key nor the key id in any file under `folders` or in `texts`."""
-    n = 0
-    for text in texts:
-        assert s3.secret not in text and s3.key_id not in text
-    for folder in folders:
-        for path in folder.rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                data = path.read_bytes()
-                assert s3.secret.encode() not in data, path
-                assert s3.key_id.encode() not in data, path
-                n += 1
-    return n
 
 
 def train_nodes(hosts: list[Host], port: int, *args: str) -> list[subprocess.Popen]:
@@ -269,7 +198,7 @@ class Team:
         """A run of the deployment, to its end (Completed, or the test fails with its logs)."""
         made = self.submit(client, overrides, **params)
         done = wait_final(client, made.id)
-        assert done.state.is_completed(), f"{done.state}\n{run_logs(client, done.id, '')}"
+        assert done.state.is_completed(), f"{done.state}\n{run_logs(client, done.id)}"
         return done
 
     def head(self) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import no_secret
 from s3server import s3, s3_env  # noqa: F401  (fixtures; tests take them as arguments)
 from typer.testing import CliRunner
 
@@ -31,23 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _bucket(s3, name: str) -> str:
     return s3.make_bucket(name)
-
-
-def _no_secret(s3, *texts: str) -> None:
-    for text in texts:
-        assert s3.secret not in text and s3.key_id not in text
-
-
-def _files_without_secret(s3, folder: Path) -> int:
-    """Every file under `folder` is free of the credentials; returns how many were read."""
-    n = 0
-    for path in folder.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            assert s3.secret.encode() not in data, path
-            assert s3.key_id.encode() not in data, path
-            n += 1
-    return n
 
 
 def test_preprocess_into_a_bucket_is_byte_identical_and_checked_on_read(
@@ -221,8 +205,7 @@ def test_train_and_eval_stream_from_the_bucket_as_from_disk(
     data = ma["provenance"]["data"]
     assert data["path"] == f"s3://{bucket}/run/val"
     assert data["sha256"] == mb["provenance"]["data"]["sha256"]  # byte-identical manifests
-    _no_secret(s3, *outputs)
-    assert _files_without_secret(s3, remote) > 5
+    assert no_secret(s3, [remote], outputs) > 5
 
 
 # ----------------------------------------------------------------------------- bad cases
@@ -242,7 +225,7 @@ def bad_case(s3_env, request, monkeypatch):
     if case == "wrong credentials":
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret[::-1])
         return f"s3://{bucket}/shards", "access denied"
-    from s3server import free_port
+    from helpers import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's default retries take ~9 s here
@@ -271,7 +254,7 @@ def test_bad_bucket_credentials_or_endpoint_fail_in_one_line_writing_nothing(
         assert len(lines) == 1, (name, result.output)
         assert lines[0].startswith(f"error: {url}/"), (name, lines[0])
         assert message in lines[0], (name, lines[0])
-        _no_secret(s3, result.output)
+        no_secret(s3, [], [result.output])
         assert sorted(p.name for p in proj.iterdir()) == ["params.yaml"], name  # nothing written
     assert s3.keys("present") == before
     shutil.rmtree(proj)

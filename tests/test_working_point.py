@@ -30,25 +30,63 @@ CPU = torch.device("cpu")
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def _cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 # ----------------------------------------------------------------------------- precision
 
 
-def test_auto_on_cpu_is_bf16_only_where_the_cpu_has_it():
-    native = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"}) and not os.environ.get(
-        "ONEDNN_MAX_CPU_ISA"
-    )
+# Known CPUs: their flags (the ones that matter) and torch's kernel level on them, what
+# `amp: auto` must pick there, and the reason it gives (Intel's and AMD's ISA tables).
+KNOWN_CPUS = {
+    "Sapphire Rapids": ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", "bf16",
+                        "amp: auto; the CPU has amx_bf16 and avx512_bf16"),
+    "Zen 4": ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", "bf16",
+              "amp: auto; the CPU has avx512_bf16"),
+    "Skylake-SP": ({"avx2", "avx512f"}, "AVX512", "fp32",
+                   "amp: auto; fp32 on CPU: no avx512_bf16 or amx_bf16 in the CPU flags"),
+    "Zen 2 (AVX2 only)": ({"avx2"}, "AVX2", "fp32",
+                          "amp: auto; fp32 on CPU: no avx512_bf16 or amx_bf16 in the CPU flags"),
+    "Zen 4 under ATEN_CPU_CAPABILITY=avx2": (
+        {"avx2", "avx512f", "avx512_bf16"}, "AVX2", "fp32",
+        "amp: auto; fp32 on CPU: torch's CPU kernels run at AVX2 (ATEN_CPU_CAPABILITY)"),
+}  # fmt: skip
+
+
+@pytest.fixture
+def known_cpu(monkeypatch):
+    """`known_cpu(flags, capability)`: the engine sees that CPU (its /proc/cpuinfo flags and
+    torch's kernel level), on x86, with no ISA cap set; the real CPU again afterwards."""
+
+    def use(flags: set[str], capability: str) -> None:
+        monkeypatch.setattr(dev, "_cpu_flags", lambda: set(flags))
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(dev.platform, "machine", lambda: "x86_64")
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        dev.cpu_info.cache_clear()
+
+    yield use
+    dev.cpu_info.cache_clear()
+
+
+@pytest.mark.parametrize("cpu", list(KNOWN_CPUS))
+def test_auto_on_cpu_is_bf16_only_where_the_cpu_has_it(known_cpu, cpu):
+    flags, capability, name, why = KNOWN_CPUS[cpu]
+    known_cpu(flags, capability)
     prec = dev.precision("auto", CPU)
-    assert prec.name == ("bf16" if native else "fp32")
-    assert prec.dtype == (torch.bfloat16 if native else None) and not prec.scaler
-    assert ("the CPU has" in prec.why) == native, prec.why  # "no avx512_bf16 ..." otherwise
-    assert dev.precision("off", CPU).dtype is None
+    assert (prec.name, prec.why, prec.scaler) == (name, why, False)
+    assert prec.dtype == {"bf16": torch.bfloat16, "fp32": None}[name]
+
+
+def test_a_onednn_cap_below_bf16_keeps_auto_at_fp32(known_cpu, monkeypatch):
+    known_cpu({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    prec = dev.precision("auto", CPU)
+    assert prec.name == "fp32"
+    assert prec.why == (
+        "amp: auto; fp32 on CPU: ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN below AVX512_CORE_BF16"
+    )
+
+
+def test_explicit_modes_on_cpu():
+    assert dev.precision("off", CPU) == dev.Precision("fp32", None, False, "amp: off")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         dev.precision("fp16", CPU)
     with pytest.raises(ConfigError, match="not one of"):
@@ -73,21 +111,29 @@ def test_on_an_avx2_only_cpu_auto_is_fp32_and_explicit_bf16_warns():
     assert "slower than fp32" in warning[0]
 
 
-def test_doctor_names_the_precision_and_why(tmp_path, monkeypatch):
+def test_doctor_names_the_precision_and_why(tmp_path, monkeypatch, known_cpu):
     from conftest import tiny_params
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(json.dumps(tiny_params()))
+    known_cpu({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512")  # Sapphire Rapids
     res = CliRunner().invoke(app, ["doctor", "--json", "-S", "train.amp=auto"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
-    expected = dev.precision("auto", CPU)
-    assert report["commands"]["train"]["precision"] == expected.name
-    assert report["commands"]["train"]["why"] == expected.why
+    assert report["commands"]["train"]["precision"] == "bf16"
+    assert report["commands"]["train"]["why"] == "amp: auto; the CPU has amx_bf16 and avx512_bf16"
     assert report["commands"]["eval"]["precision"] == "fp32"  # tiny_params: amp off
     assert report["machine"]["cores"] == os.cpu_count()
     assert report["commands"]["train"]["compile"] is False  # auto: not on CPU
-    # the traps: bf16 without native support, fewer shards than consumers, a small /dev/shm
+    # a real process held at AVX2, whatever this CPU has: fp32, and the trap of bf16 named
+    auto = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "doctor", "--json", "-S", "train.amp=auto"],
+        env={**os.environ, **AVX2_ONLY}, cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert auto.returncode == 0, auto.stderr
+    train = json.loads(auto.stdout)["commands"]["train"]
+    assert train["precision"] == "fp32"
+    assert train["why"].startswith("amp: auto; fp32 on CPU: "), train["why"]
     res = subprocess.run(
         [sys.executable, "-m", "stages.cli", "doctor", "-S", "train.amp=bf16"],
         env={**os.environ, **AVX2_ONLY}, cwd=tmp_path, capture_output=True, text=True,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.adapter import SourceSample, read_index_label
 from pipeline.data.labels import get_spec
-from pipeline.data.sources import SourceSample, read_index_label
 from pipeline.errors import DataError
 
 # The SegNet tutorial ships PNG frames; a copy re-encoded to save space has JPEGs.

@@ -2,51 +2,20 @@
 
 An adapter knows one dataset's folder layout. It returns `SourceSample`s (paths only, cheap)
 and turns a sample's label file into train ids. Everything after it (shards, training,
-evaluation) sees only train ids and the adapter's `DatasetSpec`.
+evaluation) sees only train ids and the adapter's `DatasetSpec`. The Cityscapes adapter is
+here; the others (camvid.py, voc.py, vkitti.py) are loaded by `get_adapter` only for their
+dataset, and import only adapter.py (the shared types), never this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from pipeline.data.labels import DATASETS, DatasetSpec, get_spec
-from pipeline.data.pngio import read_png
+from pipeline.data.adapter import Adapter, SourceSample, read_index_label
+from pipeline.data.labels import DATASETS, get_spec
 from pipeline.errors import ConfigError, DataError
-
-
-@dataclass(frozen=True)
-class SourceSample:
-    key: str  # frame id, e.g. "frankfurt_000000_000294"; the shard sample key
-    image: Path
-    label: Path | None  # None for splits without labels (Cityscapes test)
-    instance: Path | None = None  # instanceIds PNG (Cityscapes: id*1000+n), for iIoU
-    meta: dict = field(default_factory=dict)  # e.g. {"city": "frankfurt"}
-
-    @property
-    def group(self) -> str | None:
-        """What grouped k-fold keeps in one fold: the frame's city (Cityscapes), sequence
-        (CamVid) or scene (Virtual KITTI 2: every variation of a scene renders the same frames);
-        None where frames are independent photos (VOC)."""
-        return next((str(self.meta[k]) for k in GROUP_META if k in self.meta), None)
-
-
-GROUP_META = ("city", "sequence", "scene")  # meta keys naming a sample's group, by dataset
-
-
-class Adapter(Protocol):
-    spec: DatasetSpec
-
-    def samples(self, root: Path, split: str) -> list[SourceSample]:
-        """Samples of `split` under `root`, sorted by key. Raises DataError if none."""
-        ...
-
-    def read_label(self, sample: SourceSample) -> np.ndarray:
-        """(H, W) uint8 train ids of a sample; DataError names the file if it is bad."""
-        ...
 
 
 class CityscapesAdapter:
@@ -90,17 +59,6 @@ class CityscapesAdapter:
         return read_index_label(
             sample.label, self.spec, "labelIds must be a single-channel PNG, got shape {shape}"
         )
-
-
-def read_index_label(path: Path, spec: DatasetSpec, bad_shape: str) -> np.ndarray:
-    """(H, W) uint8 train ids of a label PNG whose pixel value is the dataset's label id
-    ("L", "P" or "1"); a colour PNG is a DataError naming the file (`bad_shape`, with {shape})."""
-    ids = read_png(path)  # "P" / "L" stay indices: no mode conversion
-    if ids.ndim != 2:
-        raise DataError(f"{path}: " + bad_shape.format(shape=ids.shape))
-    if ids.dtype == bool:  # mode "1"
-        ids = ids.astype(np.uint8)
-    return spec.to_train_ids(ids, source=str(path))
 
 
 def get_adapter(dataset: str) -> Adapter:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.adapter import SourceSample
 from pipeline.data.labels import IGNORE_INDEX, get_spec
 from pipeline.data.pngio import read_png
-from pipeline.data.sources import SourceSample
 from pipeline.errors import ConfigError, DataError
 
 UNDEFINED = "Undefined"  # colors.txt category (0, 0, 0): pixels with no class -> ignore

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.adapter import SourceSample, read_index_label
 from pipeline.data.labels import get_spec
-from pipeline.data.sources import SourceSample, read_index_label
 from pipeline.errors import DataError
 
 

@@ -20,7 +20,7 @@ import os
 import secrets
 import zipfile
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -54,7 +54,7 @@ def set_aside(path: Path | str) -> Path:
     """Rename a damaged file to `NAME.damaged-<UTC time>` beside it (kept for a post-mortem,
     out of the way of the next run); returns the new path."""
     path = Path(path)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     aside = path.with_name(f"{path.name}.damaged-{stamp}")
     while aside.exists():  # two in one second
         aside = path.with_name(f"{path.name}.damaged-{stamp}-{secrets.token_hex(2)}")

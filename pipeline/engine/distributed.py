@@ -116,11 +116,6 @@ def gather_objects(obj) -> list:
     return everyone
 
 
-def is_main() -> bool:
-    """Rank 0, or a single process: the one that writes files and prints."""
-    return rank_world()[0] == 0
-
-
 def local_device(name: str = "auto") -> torch.device:
     """This process's device for `name` (auto | cpu | cuda): under torchrun on CUDA, the GPU
     init_from_env made current (LOCAL_RANK); else pipeline.engine.device.resolve_device."""

@@ -50,7 +50,7 @@ ONNX_OPSET = 18
 # Logits may differ by fp32 rounding only: |exported - eager| <= RTOL * max |eager| + ATOL.
 # Runtimes reorder fp32 sums (MLAS/oneDNN conv kernels, conv+BN folding in onnxruntime); a
 # wrong resize, stride or normalisation moves logits by a large part of their range instead.
-# Measured at 1024x2048 (README, "Export"): onnxruntime 6e-7 (MobileNetV3) and 3.3e-5
+# Measured at 1024x2048 (docs/how-to/export.md): onnxruntime 6e-7 (MobileNetV3) and 3.3e-5
 # (ResNet-50) of the largest logit, TorchScript and torch.export exactly 0; RTOL leaves 30x
 # room over ResNet-50 for deeper backbones and other CPUs. ATOL only covers all-zero logits.
 RTOL = 1e-3

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from stages.commands.options import ParamsOpt, SetOpt
 from stages.errors import cli_errors
 
 
@@ -17,13 +18,8 @@ def register(app: typer.Typer) -> None:
 
 @cli_errors
 def doctor(
-    params: Annotated[Path, typer.Option("--params", "-p", help="The params file.")] = Path(
-        "params.yaml"
-    ),
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", "-S", help="Override a param, e.g. -S train.amp=bf16."),
-    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
     gpus: Annotated[
         int, typer.Option(help="Processes per node the run would use (seg train --gpus N).")
     ] = 0,

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pipeline.errors import SegError
+from stages.commands.options import ParamsOpt, SetOpt
 from stages.errors import cli_errors
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-S", help="Override a param, e.g. -S train.lr=0.02 (repeatable)."),
-]
 NnodesOpt = Annotated[int, typer.Option(help="Nodes in a multi-node run.")]
 NodeRankOpt = Annotated[int, typer.Option(help="This node's index (0 is the master).")]
 MasterAddrOpt = Annotated[str | None, typer.Option(help="Address of node 0 (multi-node runs).")]
@@ -86,29 +84,15 @@ def train(
     mode = steps.Resume.from_flags(resume, auto_resume)
     if (gpus or nnodes > 1) and not distributed.in_worker():
         topo = launch.Topology(max(gpus, 1), nnodes, node_rank, master_addr, master_port)
-        _exit_with(
-            launch.launch(
-                topo, launch.train_args(params, set_, mode), p.train.device, "train.device"
-            )
-        )
+        _torchrun(topo, launch.train_args(params, set_, mode), p.train.device, "train.device")
         return
-    rank = distributed.init_from_env(
-        p.train.device, launch.GROUP_TIMEOUT_S
-    ).rank  # no-op outside torchrun
-    try:
+    with _process_group(p.train.device) as rank:
         launch.check_same_params(p)  # nodes with other params.yaml files: one line, no training
         if rank == 0:
             with progress_bar("train", "loss", "lr", "img_s") as update:
                 summary = steps.train(p, resume=mode, sink=_RichProgress(update), say=say)
         else:
             summary = steps.train(p, resume=mode)
-    except Exception as exc:
-        lost = launch.lost_peer(exc)  # a node or worker died: one line, not a traceback
-        if lost is None:
-            raise
-        raise SegError(lost) from None
-    finally:
-        distributed.cleanup()
     if rank != 0:
         return
     best = summary["best_miou"]
@@ -174,24 +158,14 @@ def evaluate(
             if v
         ]
         args = launch.worker_args("eval", params, set_, *extra)
-        _exit_with(launch.launch(launch.Topology(gpus), args, p.evaluate.device, "evaluate.device"))
+        _torchrun(launch.Topology(gpus), args, p.evaluate.device, "evaluate.device")
         return
-    rank = distributed.init_from_env(
-        p.evaluate.device, launch.GROUP_TIMEOUT_S
-    ).rank  # no-op outside torchrun
-    try:
+    with _process_group(p.evaluate.device) as rank:
         if rank == 0:
             with progress_bar("eval") as update:
                 metrics = steps.evaluate(p, checkpoint, shards, out, progress=update)
         else:
             metrics = steps.evaluate(p, checkpoint, shards, out)
-    except Exception as exc:
-        lost = launch.lost_peer(exc)
-        if lost is None:
-            raise
-        raise SegError(lost) from None
-    finally:
-        distributed.cleanup()
     if rank == 0:
         _print_metrics(console, metrics)
 
@@ -202,10 +176,34 @@ def say(line: str) -> None:
     typer.echo(line)
 
 
-def _exit_with(code: int) -> None:
-    """torchrun's exit code is the command's (its workers printed their own errors)."""
+def _torchrun(topo, args: list[str], device: str, key: str) -> None:
+    """This command again under torchrun, one worker per process of `topo`; torchrun's exit
+    code is the command's (its workers printed their own errors)."""
+    from stages import launch
+
+    code = launch.launch(topo, args, device, key)
     if code:
         raise typer.Exit(code)
+
+
+@contextmanager
+def _process_group(device: str) -> Iterator[int]:
+    """This process's rank in torchrun's process group (0 outside torchrun: no group), the
+    group cleaned up at the end. A node or worker that died ends the command in one line
+    ("another process of the group is gone ..."), not a traceback."""
+    from pipeline.engine import distributed
+    from stages import launch
+
+    rank = distributed.init_from_env(device, launch.GROUP_TIMEOUT_S).rank
+    try:
+        yield rank
+    except Exception as exc:
+        lost = launch.lost_peer(exc)
+        if lost is None:
+            raise
+        raise SegError(lost) from None
+    finally:
+        distributed.cleanup()
 
 
 def _print_metrics(console, metrics: dict) -> None:

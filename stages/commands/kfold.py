@@ -16,7 +16,8 @@ from typing import Annotated
 
 import typer
 
-from stages.commands.engine import ParamsOpt, SetOpt, _print_metrics, _RichProgress, say
+from stages.commands.engine import _print_metrics, _RichProgress, say
+from stages.commands.options import ParamsOpt, SetOpt
 from stages.errors import cli_errors
 
 kfold_app = typer.Typer(

@@ -16,17 +16,9 @@ from typing import Annotated
 
 import typer
 
+from stages.commands.options import FlowSetOpt as SetOpt
 from stages.errors import cli_errors
 
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", "-S",
-        help="Override a param, e.g. -S train.lr=0.02 (repeatable). `seg flow`: written to "
-        "params.yaml and saved as a DVC experiment, as `dvc exp run -S` does; a deployment: "
-        "its runs' overrides, applied in each run's own workspace.",
-    ),
-]  # fmt: skip
 LogEveryOpt = Annotated[int, typer.Option(help="Log training progress every N steps.")]
 NameOpt = Annotated[
     str | None,

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from stages.commands.options import ParamsOpt, SetOpt
 from stages.errors import cli_errors
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -35,9 +36,7 @@ def recipe(
     root: Annotated[
         Path | None, typer.Option(help="Dataset root to train on (sets data.root).")
     ] = None,
-    params: Annotated[
-        Path, typer.Option("--params", "-p", help="The params file to update.")
-    ] = Path("params.yaml"),
+    params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Merge a named recipe (and a dataset root) into params.yaml; the old file is kept as params.yaml.bak."""
     import shutil
@@ -71,12 +70,8 @@ def recipe(
 
 @cli_errors
 def params(
-    file: Annotated[Path, typer.Option("--params", "-p", help="The params file.")] = Path(
-        "params.yaml"
-    ),
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", "-S", help="Override a param (repeatable).")
-    ] = None,
+    file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
     show: Annotated[bool, typer.Option(help="Print the resolved params as YAML.")] = False,
 ) -> None:
     """Validate params.yaml (unknown keys, impossible values); --show prints the resolved params."""

@@ -1,0 +1,25 @@
+"""Options that several `seg` commands take: each defined once, here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
+
+_SET_HELP = "Override a param, e.g. -S train.lr=0.02 (repeatable)."
+
+
+def _set_option(help_: str):
+    return Annotated[list[str] | None, typer.Option("--set", "-S", help=help_)]
+
+
+SetOpt = _set_option(_SET_HELP)
+# `seg flow`: the override is written to params.yaml and the run saved as an experiment
+FlowSetOpt = _set_option(
+    _SET_HELP[:-1] + ". `seg flow`: written to params.yaml and saved as a DVC experiment, as "
+    "`dvc exp run -S` does; a deployment: its runs' overrides, applied in each run's own "
+    "workspace."
+)
