@@ -55,7 +55,7 @@ CACHE_TYPES = "reflink,hardlink,copy"
 
 class CommandFailed(SegError):
     """A git or dvc command of a run failed or ran past its limit; `retryable` as
-    flows.StageFailed (a network hiccup may pass on a second try, a timeout does not)."""
+    dvc_stages.StageFailed (a network hiccup may pass on a second try, a timeout does not)."""
 
     def __init__(self, message: str, retryable: bool = False) -> None:
         super().__init__(message)

@@ -27,7 +27,7 @@ if "PREFECT_HOME" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 # A flow run in a test without PREFECT_API_URL starts Prefect's ephemeral server on a new
 # database: 30-37 s on a busy 2-core machine, and Prefect waits 20 s by default; 120 s as
-# `seg flow` gives it (stages.flows.EPHEMERAL_STARTUP_S). Set before prefect is imported.
+# `seg flow` gives it (stages.deployments.EPHEMERAL_STARTUP_S). Set before prefect is imported.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from tests
 

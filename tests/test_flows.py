@@ -244,15 +244,15 @@ def test_ephemeral_server_gets_two_minutes_to_start(monkeypatch):
     environment); a longer setting stays, and both are as before afterwards."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
 
-    from stages import flows
+    from stages import deployments
 
     monkeypatch.delenv(timeout.name, raising=False)
     with temporary_settings(updates={timeout: 20}):
-        with flows.ephemeral_startup():
+        with deployments.ephemeral_startup():
             assert (timeout.value(), os.environ[timeout.name]) == (120, "120")
         assert timeout.value() == 20 and timeout.name not in os.environ
     monkeypatch.setenv(timeout.name, "600")
-    with temporary_settings(updates={timeout: 600}), flows.ephemeral_startup():
+    with temporary_settings(updates={timeout: 600}), deployments.ephemeral_startup():
         assert (timeout.value(), os.environ[timeout.name]) == (600, "600")
 
 

@@ -34,7 +34,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from servers import PrefectServer
 from test_dvc import _copy, _env, _new_project, git
 
-from stages import flows, runs
+from stages import runs, supervise
 
 # minutes of killed workers and restarted servers: `make test-slow` (and CI) runs them
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -265,17 +265,17 @@ def test_worker_killed_machine_lost_server_restarted_and_nothing_lost(
             killed = time.monotonic()
             step2 = _stored_step(proj)  # all dead: nothing pushes any more
             (left,) = proj.glob(".dvc/tmp/seg/runs/*")  # a lost machine cleans nothing up
-            r = wait_final(c, run.id, timeout=flows.CRASH_AFTER_S + 90)
+            r = wait_final(c, run.id, timeout=supervise.CRASH_AFTER_S + 90)
             took2 = time.monotonic() - killed
         finally:
             _stop_group(worker, signal.SIGKILL)
         assert r.state.is_crashed(), r.state
-        assert r.state.message.startswith(f"no heartbeat for {flows.CRASH_AFTER_S} s"), r.state
-        assert took2 <= flows.CRASH_AFTER_S + 30, took2
+        assert r.state.message.startswith(f"no heartbeat for {supervise.CRASH_AFTER_S} s"), r.state
+        assert took2 <= supervise.CRASH_AFTER_S + 30, took2
         report(
             "machine lost mid-training (worker and run SIGKILLed)",
-            f"run Crashed {took2:.0f} s after the kill (heartbeat every {flows.HEARTBEAT_S} s, "
-            f"automation: none for {flows.CRASH_AFTER_S} s), checkpoint pushed at step {step2}",
+            f"run Crashed {took2:.0f} s after the kill (heartbeat every {supervise.HEARTBEAT_S} s, "
+            f"automation: none for {supervise.CRASH_AFTER_S} s), checkpoint pushed at step {step2}",
         )
 
         # 3. the next run resumes; the server is stopped and started again while it trains

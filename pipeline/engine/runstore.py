@@ -2,7 +2,7 @@
 
 A run store is a folder or an object-store prefix (pipeline.store) that belongs to one piece
 of work: a commit and its overrides (the flows choose it and pass it to `seg train` as
-SEG_RUN_STORE; stages/flows.py checkpoint_store). While a run trains, each checkpoint it saves
+SEG_RUN_STORE; stages/experiments.py checkpoint_store). While a run trains, each checkpoint it saves
 is copied there (`push`) under a name of its own,
 
     step-000000300.<run>.pt     the step it holds, the run that wrote it

@@ -64,9 +64,9 @@ def _prepare(set_: list[str] | None, need_server: bool = False):
     from stages import steps
 
     steps.load("params.yaml", set_)
-    from stages import flows
+    from stages import deployments
 
-    api = flows.check_server()
+    api = deployments.check_server()
     if need_server and api is None:
         from pipeline.errors import ConfigError
 
@@ -89,12 +89,12 @@ def flow(
     """Run the pipeline flow now, in this project (as `dvc exp run`: the results show here):
     each stale DVC stage runs, the rest are reported up to date."""
     api = _prepare(set_)
-    from stages import flows
+    from stages import deployments, dvc_stages, flows
     from stages.progress import console
 
-    root = flows.project_root()
-    flows.stage_plan(root, targets)  # an unknown stage fails in one line, before any run
-    with flows.ephemeral_startup() if api is None else flows.safe_urls():
+    root = dvc_stages.project_root()
+    dvc_stages.stage_plan(root, targets)  # an unknown stage fails in one line, before any run
+    with deployments.ephemeral_startup() if api is None else deployments.safe_urls():
         result = flows.pipeline_flow(targets=targets, overrides=set_ or [], log_every=log_every)
     for stage, outcome in result["stages"].items():
         console.print(f"{stage}: {outcome}", highlight=False)
@@ -124,18 +124,18 @@ def serve(
     api = _prepare(set_)
     from prefect import serve as prefect_serve
 
-    from stages import flows, runs
+    from stages import deployments, dvc_stages, flows, runs, supervise
     from stages.progress import console
 
-    flows.check_options(cron, timezone, collision, limit)
-    root = flows.project_root()  # runs start from here: fail now, not at 3 a.m.
+    deployments.check_options(cron, timezone, collision, limit)
+    root = dvc_stages.project_root()  # runs start from here: fail now, not at 3 a.m.
     branch = branch or runs.current_branch(root, runs.Limits())
-    name = name or flows.default_name(root)
-    deployment = flows.deployment(name, cron, timezone, set_, collision, branch, limit)
+    name = name or deployments.default_name(root)
+    deployment = deployments.deployment(name, cron, timezone, set_, collision, branch, limit)
     # the runs it starts send heartbeats; a run whose heartbeats stop is marked Crashed
-    os.environ.update(flows.run_env())
+    os.environ.update(deployments.run_env())
     if api is not None:
-        flows.crash_silent_runs(deployment.apply(), f"{flows.pipeline_flow.name}/{name}")
+        supervise.crash_silent_runs(deployment.apply(), f"{flows.pipeline_flow.name}/{name}")
     if api is None:
         console.print(
             "PREFECT_API_URL is not set: serving against a temporary local API that ends with "
@@ -144,7 +144,7 @@ def serve(
             highlight=False,
             soft_wrap=True,
         )
-    with flows.ephemeral_startup() if api is None else flows.safe_urls():
+    with deployments.ephemeral_startup() if api is None else deployments.safe_urls():
         prefect_serve(deployment)
 
 
@@ -170,16 +170,18 @@ def deploy(
     it. Each run is an experiment at a commit (the branch's tip, or the run's `commit`), in a
     workspace of its own made from the worker's clone, which it never changes."""
     api = _prepare(set_, need_server=True)
-    from stages import flows, runs
+    from stages import deployments, dvc_stages, runs
     from stages.progress import console
 
-    flows.check_options(cron, timezone, collision, limit)
-    root = flows.project_root()
+    deployments.check_options(cron, timezone, collision, limit)
+    root = dvc_stages.project_root()
     branch = branch or runs.current_branch(root, runs.Limits())
-    name = name or flows.default_name(root)
-    variable = flows.workdir_variable(workdir or "")
+    name = name or deployments.default_name(root)
+    variable = deployments.workdir_variable(workdir or "")
     where = workdir if variable else (Path(workdir) if workdir else root).absolute()
-    deployment_id = flows.deploy(pool, name, cron, timezone, set_, collision, where, branch, limit)
+    deployment_id = deployments.deploy(
+        pool, name, cron, timezone, set_, collision, where, branch, limit
+    )
     start = f"{variable}=/path/to/clone " if variable else ""
     console.print(
         f"deployment seg-pipeline/{name} ({deployment_id}) on work pool {pool!r} at {api}: "
