@@ -13,6 +13,7 @@ from stages.commands import (
     models,
     pipeline,
     recipes,
+    sweep,
     synth,
 )
 
@@ -24,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (synth, data, models, engine, export, kfold, recipes, pipeline, doctor):
+for _module in (synth, data, models, engine, export, kfold, recipes, pipeline, sweep, doctor):
     _module.register(app)
 
 

@@ -156,8 +156,9 @@ def _schedule(cron: str, timezone: str | None):
         raise ConfigError(f"--cron {cron!r} --timezone {timezone!r}: {msg}") from None
 
 
-def concurrency(collision: str = "skip"):
-    """At most one run of the deployment at a time. `skip`: a run due while another is still
+def concurrency(collision: str = "skip", limit: int = 1):
+    """At most `limit` runs of the deployment at a time (one for the scheduled pipeline; a
+    sweep's trials, `--parallel`). `skip`: a run due while another is still
     running is cancelled ("Deployment concurrency limit reached."); the next scheduled run
     catches up, and DVC reruns whatever became stale. `queue`: it waits for the slot
     (AwaitingConcurrencySlot) and runs after, usually finding everything up to date."""
@@ -169,10 +170,12 @@ def concurrency(collision: str = "skip"):
     }
     if collision not in strategies:
         raise ConfigError(f"--collision {collision!r}: valid: {', '.join(COLLISIONS)}")
-    return ConcurrencyLimitConfig(limit=1, collision_strategy=strategies[collision])
+    return ConcurrencyLimitConfig(limit=limit, collision_strategy=strategies[collision])
 
 
-def _deployment_kwargs(cron, timezone, overrides, collision, branch=None, limits=None) -> dict:
+def _deployment_kwargs(
+    cron, timezone, overrides, collision, branch=None, limits=None, parallel: int = 1
+) -> dict:
     from prefect.types.entrypoint import EntrypointType
 
     parameters: dict = {"overrides": list(overrides or [])}
@@ -181,10 +184,12 @@ def _deployment_kwargs(cron, timezone, overrides, collision, branch=None, limits
     if limits:
         parameters["limits"] = runs.Limits.parse(limits).as_dict()
     return {
-        "schedules": [_schedule(cron, timezone)],
-        "concurrency_limit": concurrency(collision),
+        "schedules": [_schedule(cron, timezone)] if cron else [],
+        "concurrency_limit": concurrency(collision, parallel),
         "parameters": parameters,
-        "description": "The DVC graph on a schedule: stale stages run, the rest are skipped.",
+        "description": "The DVC graph on a schedule: stale stages run, the rest are skipped."
+        if cron
+        else f"A sweep's trials: runs of the DVC graph, {parallel} at a time.",
         "tags": ["seg"],
         # `stages.flows.pipeline_flow` imports from the installed package in any project
         # folder; the run's working directory is the project (dvc.yaml, params.yaml)
@@ -246,6 +251,7 @@ def deploy(
     workdir: Path | str = ".",
     branch: str | None = None,
     limits: list[str] | None = None,
+    parallel: int = 1,
 ):
     """Register the deployment on work pool `pool`: its runs execute on the pool's workers
     (`prefect worker start --pool POOL`), in `workdir` on the worker's machine (a clone of
@@ -273,7 +279,7 @@ def deploy(
         job_variables["working_dir"] = str(workdir)
     deployment = pipeline_flow.to_deployment(
         name, work_pool_name=pool, job_variables=job_variables,
-        **_deployment_kwargs(cron, timezone, overrides, collision, branch, limits),
+        **_deployment_kwargs(cron, timezone, overrides, collision, branch, limits, parallel),
     )  # fmt: skip
     deployment_id = deployment.apply(work_pool_name=pool)
     if variable:

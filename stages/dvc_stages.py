@@ -323,6 +323,11 @@ def run_dvc_stage(
             f"dvc stage {stage}: no result within {limit:g} s (the run's stage limit; "
             "`seg deploy --limit stage=SECONDS` sets it)"
         )
+    pruned = next((line for line in lines if line.startswith("pruned at step ")), None)
+    if code != 0 and pruned:  # a sweep's trial stopped early: not a failure
+        if notes is not None:
+            notes.append(pruned)
+        return "pruned", seconds
     if code != 0:
         user_error = any(line.startswith("error: ") for line in lines)
         busy = "is busy, it is being blocked by" in text or "Unable to acquire lock" in text

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from stages import runs
+from stages import runs, steps
 from stages.dvc_stages import (
     IO_RETRIES,
     TASK_OPTS,
@@ -92,8 +92,8 @@ def reuse_experiment(root: str, commit: str, limit: float = runs.Limits.git) -> 
     params this run has (params.yaml after its overrides), its dvc.lock and the files it
     keeps in git (metrics, plots) are checked out into the workspace, so DVC finds its
     outputs up to date and reruns only what they lack (a run that stopped at `train` leaves
-    `evaluate` to this one). The newest such experiment of origin (or of the clone) counts.
-    Returns its name, or None."""
+    `evaluate` to this one). The newest such experiment of origin (or of the clone) counts;
+    a pruned trial's never does. Returns its name, or None."""
     import yaml
 
     logger = get_run_logger()
@@ -104,9 +104,13 @@ def reuse_experiment(root: str, commit: str, limit: float = runs.Limits.git) -> 
         root, "for-each-ref", "--sort=-committerdate", "--format=%(refname)", refs, limit=limit
     ).split()
     mine = yaml.safe_load((Path(root) / "params.yaml").read_text())
+    live = steps.train_dir(steps.load(Path(root) / "params.yaml")) / "dvclive" / "metrics.json"
     for ref in listed:
         shown = runs.git(root, "show", f"{ref}:params.yaml", limit=limit, check=False)
         if not shown or yaml.safe_load(shown) != mine:
+            continue
+        trained = runs.git(root, "show", f"{ref}:{live}", limit=limit, check=False)
+        if '"pruned"' in trained:  # a sweep's pruned trial: no finished model to reuse
             continue
         runs.git(root, "checkout", ref, "--", ".", limit=limit)
         name = ref.rsplit("/", 1)[-1]

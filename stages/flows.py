@@ -74,6 +74,8 @@ def pipeline_flow(
     commit: str | None = None,
     branch: str | None = None,
     limits: dict[str, float] | None = None,
+    workspace: bool = False,
+    trial: dict | None = None,
 ) -> dict:
     """Run the stale stages of dvc.yaml up to `targets` (default: all), one task per stage,
     with `overrides` (`section.key=value`, as `dvc exp run -S`).
@@ -82,15 +84,18 @@ def pipeline_flow(
     workspace of its own (stages/runs.py) at `commit`, or at the tip of `branch` when it
     starts (default: the branch it was deployed from), with that commit's code; it never
     changes the host's clone. Called directly (`seg flow`), it runs in the project itself,
-    as `dvc exp run` does. `limits`: seconds per kind of command (runs.Limits)."""
+    as `dvc exp run` does; `workspace` makes it run as a deployment's run does (a local
+    sweep's trials). `limits`: seconds per kind of command (runs.Limits). `trial`: the sweep
+    trial this run is (stages/sweep.py TrialLink): its training reports to the sweep's study,
+    and the run tells the study how it ended."""
     from prefect.runtime import deployment
 
     logger = get_run_logger()
     watch = RunWatch.start_if_supervised(logger)
     try:
         lim = runs.Limits.parse(limits)
-        if deployment.get_id():
-            return _in_workspace(targets, overrides, log_every, commit, branch, lim, logger)
+        if deployment.get_id() or workspace:
+            return _in_workspace(targets, overrides, log_every, commit, branch, lim, logger, trial)
         if commit or branch:
             raise ConfigError("commit and branch pin a deployment's runs; `seg flow` runs here")
         return _pipeline(project_root(), targets, overrides, log_every, lim, logger)
@@ -99,7 +104,7 @@ def pipeline_flow(
             watch.stop()
 
 
-def _in_workspace(targets, overrides, log_every, commit, branch, lim, logger) -> dict:
+def _in_workspace(targets, overrides, log_every, commit, branch, lim, logger, trial) -> dict:
     """A deployment's run: its workspace made, its own code loaded, the pipeline run there by
     that code (`run_in_workspace`), the workspace removed."""
     from prefect.runtime import flow_run
@@ -116,18 +121,20 @@ def _in_workspace(targets, overrides, log_every, commit, branch, lim, logger) ->
         ws.source, runs.host(), ws.seconds,
     )  # fmt: skip
     try:
-        code = runs.load_flows(ws.path)
-        enter = getattr(code, "run_in_workspace", None)
-        if enter is None:
-            raise ConfigError(
-                f"commit {ws.commit[:12]}: its stages/flows.py has no run_in_workspace (a commit "
-                "from before per-run workspaces): run it with `seg flow` in a checkout of it"
-            )
-        return enter(
-            workspace=str(ws.path), clone=str(clone), commit=ws.commit, source=ws.source,
-            name=name, targets=targets, overrides=list(overrides or []), log_every=log_every,
-            limits=lim.as_dict(), setup_seconds=ws.seconds,
-        )  # fmt: skip
+        with runs.own_code(ws.path) as code:
+            enter = getattr(code, "run_in_workspace", None)
+            if enter is None:
+                raise ConfigError(
+                    f"commit {ws.commit[:12]}: its stages/flows.py has no run_in_workspace (a "
+                    "commit from before per-run workspaces): run it with `seg flow` in a "
+                    "checkout of it"
+                )
+            return enter(
+                workspace=str(ws.path), clone=str(clone), commit=ws.commit, source=ws.source,
+                name=name, targets=targets, overrides=list(overrides or []),
+                log_every=log_every, limits=lim.as_dict(), setup_seconds=ws.seconds,
+                **({"trial": trial} if trial else {}),
+            )  # fmt: skip
     finally:
         ws.remove()
         logger.info("workspace %s removed", ws.path)
@@ -144,6 +151,7 @@ def run_in_workspace(
     log_every: int,
     limits: dict[str, float],
     setup_seconds: float,
+    trial: dict | None = None,
 ) -> dict:
     """The pipeline in a run's workspace, by the workspace's own code (its stages.flows; the
     deployment's entry point calls this after `runs.load_flows`). Outputs come from the
@@ -155,14 +163,24 @@ def run_in_workspace(
     try:
         return _run_in_workspace(
             workspace, clone, commit, source, name, targets, overrides, log_every, limits,
-            setup_seconds,
+            setup_seconds, trial,
         )  # fmt: skip
     finally:
         os.chdir(here)
 
 
 def _run_in_workspace(
-    workspace, clone, commit, source, name, targets, overrides, log_every, limits, setup_seconds
+    workspace,
+    clone,
+    commit,
+    source,
+    name,
+    targets,
+    overrides,
+    log_every,
+    limits,
+    setup_seconds,
+    trial,
 ) -> dict:
     logger = get_run_logger()
     root, lim = Path(workspace), runs.Limits.parse(limits)
@@ -179,6 +197,13 @@ def _run_in_workspace(
         **runs.workspace_env(root), "SEG_RUN": json.dumps(run), "SEG_RUN_NAME": name,
         "SEG_RUN_STORE": str(store),
     }  # fmt: skip
+    link = None
+    if trial:
+        from stages.sweep import TrialLink
+
+        link = TrialLink(**trial)
+        env.update(link.to_env())
+        run["trial"] = {"sweep": link.study, "number": link.number}
     if overrides:
         set_params(workspace, overrides)
     reused = reuse_experiment(workspace, commit, lim.git)
@@ -191,10 +216,17 @@ def _run_in_workspace(
     results = run_stages(root, planned, log_every, lim, logger, env)
     out: dict = {"stages": {r["stage"]: r["result"] for r in results}, "run": run}
     run["reused"] = reused
+    out["pruned"] = _pruned_at(results)
     out["experiment"] = save_experiment(workspace, name, lim.dvc)
     push_experiment(workspace, "origin", name, outputs=dvc_remote is not None, limit=lim.dvc)
-    if "evaluate" in planned:
+    if "evaluate" in planned and out["pruned"] is None:
         out.update(publish_metrics(workspace, evaluated="evaluate" in _ran(results)))
+    out["kfold"] = _kfold(root)
+    if link is not None:
+        from stages.sweep_flow import finish_trial
+
+        told = finish_trial(link, {**out, "experiment": out["experiment"], "host": run["host"]})
+        logger.info("trial %d of sweep %s: %s", link.number, link.study, told)
     create_markdown_artifact(
         markdown=run_markdown(run, out, setup_seconds, restored),
         key="run",
@@ -230,6 +262,26 @@ def _pipeline(root: Path, targets, overrides, log_every: int, lim, logger) -> di
     return out
 
 
+def _pruned_at(results: list[dict]) -> int | None:
+    """The step a sweep's pruner stopped training at (its `pruned at step N` line), or None."""
+    for r in results:
+        for note in r.get("notes") or []:
+            if note.startswith("pruned at step "):
+                return int(note.split()[3])
+    return None
+
+
+def _kfold(root: Path) -> dict | None:
+    """The k-fold mean and std of val mIoU when folds are on (kfold_summary.json)."""
+    p = steps.load(root / "params.yaml")
+    path = root / steps.kfold_summary_file(p)
+    if p.data.folds < 2 or not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    miou = doc.get("miou") or {}
+    return {"mean": miou.get("mean"), "std": miou.get("std"), "folds": p.data.folds}
+
+
 def _flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
@@ -248,6 +300,7 @@ def run_stages(root: Path, planned: list[str], log_every: int, lim, logger, env:
         first = None
     ran: set[str] = set()
     results: list[dict] = []
+    failed = None
     try:
         for stage in planned:
             retrying = stage.split("@")[0] in IO_STAGES
@@ -259,10 +312,15 @@ def run_stages(root: Path, planned: list[str], log_every: int, lim, logger, env:
             fresh = first is not None and not upstream.get(stage, set()) & ran
             known = first.get(stage, []) if fresh else None
             results.append(run(str(root), stage, log_every, lim.as_dict(), env, known))
+            if results[-1]["result"] == "pruned":  # nothing downstream of a pruned trial
+                logger.info("%s was pruned: the stages after it do not run", stage)
+                break
             if results[-1]["result"] != "up to date":
                 ran.add(stage)
-    finally:
+    except BaseException:
         failed = next((s for s in planned if s not in {r["stage"] for r in results}), None)
+        raise
+    finally:
         create_markdown_artifact(
             markdown=stages_markdown(results, planned, failed),
             key="dvc-stages",

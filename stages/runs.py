@@ -353,15 +353,33 @@ def sweep(clone: Path) -> list[str]:
 # ----------------------------------------------------------------------------- the code
 
 
-def load_flows(path: Path):
-    """The workspace's own `stages.flows`: every module of this project (`stages`,
-    `pipeline`) already imported is dropped, the workspace goes first on sys.path, and the
-    module is imported again from there. The stage commands get the same code through
-    PYTHONPATH (`workspace_env`)."""
-    for mod in list(sys.modules):
-        if mod.split(".")[0] in ("stages", "pipeline"):
-            del sys.modules[mod]
+def _ours(mod: str) -> bool:
+    return mod.split(".")[0] in ("stages", "pipeline")
+
+
+@contextlib.contextmanager
+def own_code(path: Path):
+    """Within the block, the workspace's own `stages.flows` (yielded): every module of this
+    project (`stages`, `pipeline`) already imported is set aside, the workspace goes first on
+    sys.path, and the module is imported from there. The stage commands get the same code
+    through PYTHONPATH (`workspace_env`). After the block the process's own modules and
+    sys.path are back (a local sweep runs many workspaces in one process)."""
+    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if _ours(m)}
     sys.path.insert(0, str(path))
+    try:
+        yield load_flows(path)
+    finally:
+        for m in [m for m in sys.modules if _ours(m)]:
+            del sys.modules[m]
+        sys.modules.update(saved)
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(path))
+        importlib.invalidate_caches()
+
+
+def load_flows(path: Path):
+    """The workspace's `stages.flows` (with the workspace first on sys.path and this
+    project's modules out of sys.modules: `own_code`)."""
     importlib.invalidate_caches()
     module = importlib.import_module("stages.flows")
     where = Path(module.__file__).resolve()

@@ -145,8 +145,11 @@ class _Log:
     else a plain `train_log.jsonl` (a lean GPU node without the orchestration extra); plus an
     optional sink (the CLI's progress bar)."""
 
-    def __init__(self, out: Path, resume: bool, sink=None, store: RunStore | None = None) -> None:
-        self.sink, self.store = sink, store
+    def __init__(
+        self, out: Path, resume: bool, sink=None, store: RunStore | None = None, trial=None
+    ) -> None:
+        self.sink, self.store, self.trial = sink, store, trial
+        self.prune = False  # the sweep's pruner said stop at the last validation
         try:
             from dvclive import Live
         except ImportError:
@@ -185,6 +188,20 @@ class _Log:
         )
         if self.sink:
             self.sink.on_eval(step, metrics)
+        if self.trial is not None:
+            self.prune = self.trial.report(step, metrics["miou"])
+
+    def should_stop(self) -> bool:
+        return self.prune
+
+    def mark_pruned(self, step: int) -> None:
+        """The pruned mark in the training's metrics (DVCLive's metrics.json: `dvc exp show`
+        shows it), or its log without DVCLive."""
+        if self.live is not None:
+            self.live.summary["pruned"] = step
+            self.live.make_summary()
+        else:
+            self._write(step, {"pruned": step})
 
     def on_checkpoint(self, path: Path, step: int) -> None:
         if self.store is not None:
@@ -235,7 +252,10 @@ def train(
         log.info("%s", note)
         if main and say is not None:
             say(note)
-    logger = _Log(out, plan.checkpoint is not None, sink, run_store) if main else None
+    from stages.sweep import TrialLink
+
+    trial = TrialLink.from_env() if fold is None else None
+    logger = _Log(out, plan.checkpoint is not None, sink, run_store, trial) if main else None
     try:
         result = train(
             p.train, train_src, val_src, out, get_spec(p.data.dataset), class_counts=counts,
@@ -247,11 +267,22 @@ def train(
             with contextlib.suppress(Exception):
                 logger.close()
         raise
+    pruned = result.get("stopped_at") if trial is not None else None
     if logger is not None:
+        if pruned is not None:
+            logger.mark_pruned(pruned)
         logger.close()
     summary = {k: v for k, v in result.items() if k != "history"}
     if main:
         _write_json(out / "summary.json", summary)
+    if pruned is not None:
+        from stages.sweep import Pruned
+
+        val = next((h["val_miou"] for h in reversed(result["history"]) if "val_miou" in h), None)
+        raise Pruned(
+            f"pruned at step {pruned} of {p.train.iterations} (val mIoU "
+            f"{100 * val:.2f}): trial {trial.number} of sweep {trial.study}; not a finished model"
+        )
     return summary
 
 

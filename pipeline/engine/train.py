@@ -48,7 +48,7 @@ from pipeline.engine.device import (
     precision,
     working_point,
 )
-from pipeline.engine.distributed import is_distributed, local_device, rank_world
+from pipeline.engine.distributed import broadcast_object, is_distributed, local_device, rank_world
 from pipeline.engine.evaluate import InferenceOptions, evaluate
 from pipeline.engine.losses import SegLoss, cosine_lr, inverse_log_weights, poly_lr
 from pipeline.errors import CheckpointError, ConfigError
@@ -71,7 +71,12 @@ class Callbacks:
         pass
 
     def on_checkpoint(self, path: Path, step: int) -> None:
-        """Rank 0 saved last.pt at `step` (a run store copies it: stages/steps.py RunStore)."""
+        """Rank 0 saved last.pt at `step` (a run store copies it: stages/resume.py RunStore)."""
+
+    def should_stop(self) -> bool:
+        """Asked on rank 0 after each validation: True ends the run there, its checkpoint
+        saved (a sweep's pruner stopped the trial: stages/sweep.py)."""
+        return False
 
 
 def train(
@@ -158,6 +163,7 @@ def train(
             cb.on_checkpoint(out_dir / LAST, step)
 
     # ---- the loop
+    stopped = None  # the step a callback ended the run at (a pruned trial)
     loss_sum = torch.zeros((), device=device)  # summed on the device, read at each report
     reported, t_report = start, time.perf_counter()
     done = start
@@ -214,6 +220,10 @@ def train(
                     best, metrics["miou"], done, model, cfg, spec.name, out_dir, tp, point
                 )
             t_report += time.perf_counter() - t_val  # images/s counts training only
+            if broadcast_object(cb.should_stop() if rank == 0 else None):
+                save_last(done)
+                stopped = done
+                break
         saved = done % tp.checkpoint_interval == 0 or done == tp.iterations
         if saved:
             save_last(done)
@@ -228,6 +238,7 @@ def train(
         "last_checkpoint": str(out_dir / LAST),
         "best_k": [str(_snapshot(out_dir, b)) for b in best],
         "working_point": point,
+        "stopped_at": stopped,
         "history": history,
     }
 

@@ -13,6 +13,10 @@ from pipeline.errors import SegError
 from stages.commands.options import ParamsOpt, SetOpt
 from stages.errors import cli_errors
 
+# `seg train`'s exit code for a trial its sweep's pruner stopped: DVC records no result, the
+# flow marks the trial pruned (stages/dvc_stages.py), not failed
+PRUNED_EXIT = 3
+
 NnodesOpt = Annotated[int, typer.Option(help="Nodes in a multi-node run.")]
 NodeRankOpt = Annotated[int, typer.Option(help="This node's index (0 is the master).")]
 MasterAddrOpt = Annotated[str | None, typer.Option(help="Address of node 0 (multi-node runs).")]
@@ -86,13 +90,20 @@ def train(
         topo = launch.Topology(max(gpus, 1), nnodes, node_rank, master_addr, master_port)
         _torchrun(topo, launch.train_args(params, set_, mode), p.train.device, "train.device")
         return
-    with _process_group(p.train.device) as rank:
-        launch.check_same_params(p)  # nodes with other params.yaml files: one line, no training
+    from stages.sweep import Pruned
+
+    try:
+        with _process_group(p.train.device) as rank:
+            launch.check_same_params(p)  # nodes with other params.yaml: one line, no training
+            if rank == 0:
+                with progress_bar("train", "loss", "lr", "img_s") as update:
+                    summary = steps.train(p, resume=mode, sink=_RichProgress(update), say=say)
+            else:
+                summary = steps.train(p, resume=mode)
+    except Pruned as exc:  # a sweep's trial stopped early: not an error, not a finished model
         if rank == 0:
-            with progress_bar("train", "loss", "lr", "img_s") as update:
-                summary = steps.train(p, resume=mode, sink=_RichProgress(update), say=say)
-        else:
-            summary = steps.train(p, resume=mode)
+            console.print(str(exc), highlight=False, soft_wrap=True)
+        raise typer.Exit(code=PRUNED_EXIT) from None
     if rank != 0:
         return
     best = summary["best_miou"]
