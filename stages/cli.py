@@ -13,6 +13,7 @@ from stages.commands import (
     models,
     pipeline,
     recipes,
+    registry,
     synth,
 )
 
@@ -24,7 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (synth, data, models, engine, export, kfold, recipes, pipeline, doctor):
+for _module in (
+    synth, data, models, engine, export, kfold, recipes, pipeline, registry, doctor,
+):  # fmt: skip
     _module.register(app)
 
 
