@@ -261,14 +261,21 @@ def _gto_versions(root: Path | str, name: str) -> list[dict]:
     return [v for v in gto.api.show(str(root), name) if v.get("registrations")]
 
 
-def _stage_holder(root: Path | str, name: str, stage: str) -> str | None:
-    import gto.api
+def _stage_holders(root: Path | str, name: str) -> dict[str, str]:
+    """stage -> the version holding it: the one assigned last. (GTO's own default, for
+    `gto show` too, is the highest version among those ever assigned and not unassigned;
+    `gto show --sort timestamp` and dvc.api.artifacts_show agree with this one.)"""
+    from gto.constants import VersionSort
+    from gto.registry import GitRegistry
 
-    found = gto.api.find_versions_in_stage(str(root), name, stage)
-    if not found:
-        return None
-    found = found if isinstance(found, list) else [found]
-    return found[0].version
+    with GitRegistry.from_url(str(root)) as reg:
+        artifact = reg.get_state().find_artifact(name, create_new=True)
+        found = artifact.get_vstages(sort=VersionSort.Timestamp)
+    return {stage: held[0].version for stage, held in found.items() if held}
+
+
+def _stage_holder(root: Path | str, name: str, stage: str) -> str | None:
+    return _stage_holders(root, name).get(stage)
 
 
 def allowed_stages(root: Path | str) -> list[str] | None:
@@ -577,6 +584,7 @@ def show(root: Path | str, name: str | None = None, fetch: bool = True) -> list[
     rows = []
     for model in names:
         versions = _gto_versions(root, model)
+        holders = _stage_holders(root, model)
         params_at = {}
         for v in versions:
             text = _show(root, v["commit_hexsha"], "params.yaml")
@@ -591,7 +599,7 @@ def show(root: Path | str, name: str | None = None, fetch: bool = True) -> list[
             row = {
                 "name": model,
                 "version": v["version"],
-                "stages": sorted(s["stage"] for s in v.get("stages") or [] if s.get("is_active")),
+                "stages": sorted(s for s, held in holders.items() if held == v["version"]),
                 "commit": commit,
                 "experiment": experiment_of(root, commit),
                 "created_at": str(v.get("created_at") or ""),

@@ -343,8 +343,11 @@ def test_a_version_whose_weights_are_in_no_remote(world, tmp_path):
 
     proj = world["proj"]
     work = _clone(world, "d")
-    shutil.copytree(proj / "data", work / "data")
-    shutil.copytree(proj / "outputs", work / "outputs", ignore=shutil.ignore_patterns("registry"))
+    shutil.copytree(proj / "data", work / "data", dirs_exist_ok=True)
+    shutil.copytree(
+        proj / "outputs", work / "outputs", ignore=shutil.ignore_patterns("registry"),
+        dirs_exist_ok=True,
+    )  # fmt: skip
     (work / "outputs" / "train" / "best.pt").write_bytes(b"never pushed")
     with registry._cwd(work), Repo(str(work)) as repo:
         repo.commit("train", force=True)
