@@ -937,9 +937,12 @@ def promote(
             out.line = f"forced: {out.candidate.ref} -> {stage} ({reason.strip()}); the gate said: {out.line}"
         _after_last_stage_tag(root, name)
         try:
+            # force: GTO would refuse a version it still counts in the stage (assigned once,
+            # never unassigned) though another version was assigned after it
             event = gto.api.assign(
-                str(root), name, stage, version=out.candidate.version, message=message
-            )
+                str(root), name, stage, version=out.candidate.version, message=message,
+                force=True,
+            )  # fmt: skip
         except GTOException as exc:
             raise RegistryError(f"{out.candidate.ref} -> {stage}: {exc}") from None
         tag = event.tag
