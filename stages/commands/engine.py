@@ -325,14 +325,14 @@ def predict(
         written = predict_files(
             model, paths, out, spec, dev, opts, batch_size, tuple(output or OUTPUTS), update
         )
-    _write_provenance(out, checkpoint, model_file, source, len(paths))
+    if source is not None:  # only then: a prediction folder otherwise holds the PNGs alone
+        _write_provenance(out, checkpoint, model_file, source, len(paths))
     via = f" with {source['ref']} (commit {source['commit'][:8]})" if source else ""
     console.print(f"{len(paths)} image(s) -> {len(written)} files in {out}{via}")
 
 
 def _write_provenance(out: Path, checkpoint, model_file, source, images: int) -> None:
-    """{out}/provenance.json: which model made these predictions (the registry version where
-    it came from the registry) and when."""
+    """{out}/provenance.json: which registry version made these predictions, and when."""
     import json
 
     from pipeline import provenance
