@@ -115,6 +115,7 @@ class SegMetrics:
         )
 
         C = num_classes
+        self.images = None  # per-frame counts where an evaluation kept them (engine.evaluate)
         self.confusion = torch.zeros(C, C, dtype=torch.int64, device=self.device)
         self.void_pred = torch.zeros(C, dtype=torch.int64, device=self.device)
         self.instance_stats = torch.zeros(4, C, dtype=torch.float64, device=self.device)
@@ -211,10 +212,19 @@ class SegMetrics:
 
     @torch.no_grad()
     def update(
-        self, pred: torch.Tensor, target: torch.Tensor, instances: torch.Tensor | None = None
-    ) -> None:
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        instances: torch.Tensor | None = None,
+        per_image: bool = False,
+    ) -> torch.Tensor | None:
         """Add (B, H, W) or (H, W) integer train ids; `target` may hold `ignore_index`, `pred`
-        holds [0, C) or `ignore_index` (void). `instances`: Cityscapes instanceIds, same shape."""
+        holds [0, C) or `ignore_index` (void). `instances`: Cityscapes instanceIds, same shape.
+
+        `per_image`: also return each image's counts, (B, C, C + 1) int64 on the metric's
+        device: its confusion matrix, and in the last column its void predictions (what
+        `void_pred` adds up). Summed over images they are exactly this update's share of
+        `confusion` and `void_pred` (pipeline.compare resamples them)."""
         if pred.shape != target.shape:
             raise ValueError(
                 f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}"
@@ -238,7 +248,17 @@ class SegMetrics:
         # (base, base); its [:C, :C] block is the confusion matrix, its ignore column the void
         # predictions, its ignore row the ignored pixels. int32 keys: half the memory traffic.
         key = t.to(torch.int32) * base + p.to(torch.int32)
-        table = torch.bincount(key, minlength=base * base).reshape(base, base)
+        images = None
+        if per_image:  # the same one pass, with the image's index as the highest digit
+            wide = num_images * base * base > torch.iinfo(torch.int32).max
+            image = torch.arange(num_images, device=key.device, dtype=key.dtype)
+            key = key.to(torch.int64) if wide else key
+            key = key.reshape(num_images, -1) + (image.to(key.dtype) * (base * base))[:, None]
+            images = torch.bincount(key.reshape(-1), minlength=num_images * base * base)
+            images = images.reshape(num_images, base, base)
+            table = images.sum(0)
+        else:
+            table = torch.bincount(key, minlength=base * base).reshape(base, base)
         if bool(table[self._not_an_id].any()):
             raise ValueError(f"target holds values outside [0, {C}) and not ignore_index")
         if bool(table[:, self._not_an_id].any()):
@@ -258,6 +278,10 @@ class SegMetrics:
             for p_img, inst_img in zip(p.reshape(num_images, -1), inst, strict=True):
                 self._update_instances(p_img, inst_img)
             self.counts[1] += num_images
+        if images is None:
+            return None
+        # (B, C, C + 1): the confusion block and the void-prediction column of each image
+        return torch.cat([images[:, :C, :C], images[:, :C, self.ignore_index, None]], dim=2)
 
     def _update_instances(self, p: torch.Tensor, inst: torch.Tensor) -> None:
         """One image, flat: per ground-truth instance, its size and how many of its pixels were

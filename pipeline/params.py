@@ -123,12 +123,25 @@ class EvalParams:
 
 
 @dataclass
+class RegistryParams:
+    """The promotion gate (`seg promote`, stages/registry.py). In mIoU points (0.5 = half a
+    point), as the gate's lines print them."""
+
+    min_gain: float = 0.0  # promote when ΔmIoU's interval lies above this (its lower bound)
+    max_drop: float = 1.0  # a candidate whose ΔmIoU interval lies below -max_drop regressed
+    resamples: int = 2000  # paired bootstrap resamples of the val frames
+    seed: int = 0  # the resamples' seed: the same comparison gives the same interval
+    level: float = 0.95  # the interval's confidence level
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     synth: SynthParams = field(default_factory=SynthParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvalParams = field(default_factory=EvalParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
     def validate(self) -> Params:
         _check(self)
@@ -264,6 +277,13 @@ def _check(p: Params) -> None:
     _choice("evaluate.amp", e.amp, AMP_MODES)
     _positive("evaluate.workers", e.workers, strict=False)
     check_inference(e.crop_size, e.stride, e.scales, e.batch_size, "evaluate.")
+    r = p.registry
+    _positive("registry.max_drop", r.max_drop, strict=False)
+    _positive("registry.seed", r.seed, strict=False)
+    if r.resamples < 100:
+        raise ConfigError(f"registry.resamples: at least 100, got {r.resamples}")
+    if not 0.5 <= r.level < 1:
+        raise ConfigError(f"registry.level: a confidence level in [0.5, 1), got {r.level}")
 
 
 def _check_folds(d: DataParams) -> None:

@@ -13,6 +13,7 @@ from stages.commands import (
     models,
     pipeline,
     recipes,
+    registry,
     sweep,
     synth,
 )
@@ -25,7 +26,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (synth, data, models, engine, export, kfold, recipes, pipeline, sweep, doctor):
+for _module in (
+    synth, data, models, engine, export, kfold, recipes, pipeline, sweep, registry, doctor,
+):  # fmt: skip
     _module.register(app)
 
 

@@ -293,15 +293,20 @@ def evaluate(
     out: Path | str | None = None,
     progress=None,
     fold: int | None = None,
+    registry: dict | None = None,
+    history: bool = True,
 ) -> dict:
     """Score a checkpoint on the val shards; write metrics.json (+ per-class plot data, the
-    confusion matrix as JSON and PNG) stamped with provenance; append to the run history.
+    confusion matrix as JSON and PNG, each frame's counts in confusion_per_image.parquet for
+    `seg compare`) stamped with provenance; append to the run history (unless `history` is
+    False). `registry`: the registry version the checkpoint is (name, version, stage, commit),
+    named in the provenance of both files.
 
     Under torchrun (`seg eval --gpus N`) every rank scores a slice, the confusion matrices are
     summed, and rank 0 writes the same files as a single process. `fold` k: score fold k's
     final weights (kfold/fold-k/train/last.pt: picking a best.pt by its score on fold k would
     bias the estimate) on fold k, into kfold/fold-k/eval; not added to the run history."""
-    from pipeline import provenance
+    from pipeline import compare, provenance
     from pipeline.data.labels import get_spec
     from pipeline.engine.checkpoint import build_from_checkpoint, check_classes, sha256_file
     from pipeline.engine.device import precision, working_point
@@ -310,16 +315,17 @@ def evaluate(
     from pipeline.params import params_hash
 
     e = p.evaluate
-    source, fold_info = None, None
+    frames, fold_info = None, None
     if fold is not None:
-        checkpoint, shards, source, out, fold_info = _fold_evaluation(p, fold, checkpoint, out)
+        checkpoint, shards, frames, out, fold_info = _fold_evaluation(p, fold, checkpoint, out)
     checkpoint = Path(checkpoint or train_dir(p) / "best.pt")
     shards = shards or shard_dir(p, p.data.val_split)
-    source = source or shards
+    frames = frames or shards
     out = Path(out or eval_dir(p))
     rank, world = rank_world()
     device = local_device(e.device)
     model, ckpt = build_from_checkpoint(checkpoint, "cpu", output_stride=e.output_stride)
+    output_stride = model.output_stride  # evaluate.output_stride, or the checkpoint's
     model = prepare_for_inference(model, device)
     spec = get_spec(p.data.dataset)
     check_classes(ckpt, spec, checkpoint)
@@ -329,8 +335,8 @@ def evaluate(
         e.mode, tuple(e.crop_size), tuple(e.stride), tuple(e.scales), e.flip, prec.dtype
     )
     metrics, acc = evaluate(
-        model, source, spec, device, opts, batch_size=e.batch_size, workers=e.workers,
-        rank=rank, world_size=world, progress=progress,
+        model, frames, spec, device, opts, batch_size=e.batch_size, workers=e.workers,
+        rank=rank, world_size=world, progress=progress, per_image=True,
     )  # fmt: skip
     if rank != 0:  # rank 0 writes the results; the others only scored their share
         return metrics
@@ -357,6 +363,22 @@ def evaluate(
     }
     if fold_info is not None:
         metrics["provenance"]["fold"] = fold_info
+    if registry is not None:
+        metrics["provenance"]["registry"] = registry
+    prov = metrics["provenance"]
+    per_image = compare.FrameCounts(
+        acc.images.keys,
+        acc.images.counts.numpy(),
+        list(spec.class_names),
+        {
+            "dataset": spec.name,
+            "data_sha256": prov["data"]["sha256"],
+            "eval": compare.eval_settings(prov["eval_params"], output_stride),
+            "checkpoint_sha256": prov["checkpoint"]["sha256"],
+            "miou": metrics["miou"],
+            "registry": registry,
+        },
+    )
     # all or nothing: a full disk at the last file leaves every previous result as it was
     with atomic_files() as new:
         _json_to(new(out / "metrics.json"), metrics)
@@ -371,7 +393,8 @@ def evaluate(
         confusion_png(
             acc.confusion.cpu().numpy(), spec.class_names, new(out / "confusion.png", ".png")
         )
-        if fold is None:
+        compare.write_frame_counts(new(out / compare.FILE, ".parquet"), per_image)
+        if fold is None and history:
             from stages.history import append_run
 
             append_run(runs_file(p), metrics, new(runs_file(p)))

@@ -185,6 +185,13 @@ def test_two_process_eval_equals_one_process(trained: Path, proj: Path, tmp_path
     assert confusion[0] == confusion[1]
     assert dist_metrics["miou"] == metrics["miou"]
     assert dist_metrics["provenance"]["checkpoint"] == metrics["provenance"]["checkpoint"]
+    # each frame's counts, gathered from both ranks: the same frames and counts as one process
+    from pipeline.compare import FILE, read_frame_counts
+
+    frames = [read_frame_counts(d / FILE) for d in (two, one)]
+    assert frames[0].keys == frames[1].keys and len(frames[0].keys) == 4
+    assert (frames[0].counts == frames[1].counts).all()
+    assert frames[0].counts.sum(0)[:, :-1].tolist() == confusion[1]
     runs = read_runs(proj / "outputs" / "runs.parquet")
     assert [r["miou"] for r in runs[-2:]] == [metrics["miou"]] * 2
 

@@ -38,6 +38,33 @@ class InferenceOptions:
     amp: torch.dtype | None = None  # autocast dtype (pipeline.engine.device.precision)
 
 
+@dataclass(frozen=True)
+class ImageCounts:
+    """Each evaluated frame's counts: `keys` (N,) sorted, `counts` (N, C, C + 1) int64 on the
+    CPU: the frame's confusion matrix (rows ground truth, columns prediction) and, last, its
+    void predictions. They add up to the evaluation's confusion and void_pred."""
+
+    keys: list[str]
+    counts: torch.Tensor
+
+
+def _gather_images(
+    keys: list[str], tables: list[torch.Tensor], num_classes: int, world_size: int
+) -> ImageCounts:
+    C = num_classes
+    counts = torch.cat(tables).cpu() if tables else torch.zeros(0, C, C + 1, dtype=torch.int64)
+    parts = [(keys, counts)]
+    if world_size > 1:  # a few KB per frame: objects are simplest, and gloo and NCCL take them
+        parts = [None] * world_size
+        torch.distributed.all_gather_object(parts, (keys, counts))
+    all_keys = [k for ks, _ in parts for k in ks]
+    all_counts = torch.cat([c for _, c in parts])
+    order = sorted(range(len(all_keys)), key=all_keys.__getitem__)
+    if len(set(all_keys)) != len(all_keys):
+        raise DataError("evaluated frames: a key appears twice (the ranks' slices overlap)")
+    return ImageCounts([all_keys[i] for i in order], all_counts[order])
+
+
 def prepare_for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The model on `device` in eval mode; channels-last on CUDA (cuDNN's fast layout)."""
     model = model.to(device).eval()
@@ -73,10 +100,15 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     progress: Callable[[int, int | None], None] | None = None,
+    per_image: bool = False,
 ) -> tuple[dict, SegMetrics]:
     """Score `model` on every sample of `shards` once. With world_size > 1, each rank scores a
     disjoint part and the confusion matrices are all-reduced (torch.distributed must be set up).
-    Returns (metrics dict, the SegMetrics holding the confusion matrix)."""
+    Returns (metrics dict, the SegMetrics holding the confusion matrix).
+
+    `per_image`: also keep each frame's counts (SegMetrics.update's per-image tables), in
+    `SegMetrics.images` as an ImageCounts sorted by key; with world_size > 1 every rank's
+    frames are gathered, so each rank holds them all."""
     model.eval()
     metrics = SegMetrics.from_spec(spec, device=device)
     use_instances = bool(spec.instance_classes and any(spec.instance_classes))
@@ -88,6 +120,8 @@ def evaluate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     done, t0 = 0, time.perf_counter()
+    keys: list[str] = []
+    tables: list[torch.Tensor] = []  # (B, C, C + 1) each, left on the device until the end
     for batches in loader:  # frames of one size per batch (see collate_eval)
         for b in batches:
             if b["label"] is None:
@@ -99,13 +133,19 @@ def evaluate(
             instances = b["instance"]  # (B, H, W) int32 or None
             if instances is not None:
                 instances = instances.to(device, non_blocking=True)
-            metrics.update(predict_batch(model, images, spec.num_classes, opts), labels, instances)
+            pred = predict_batch(model, images, spec.num_classes, opts)
+            table = metrics.update(pred, labels, instances, per_image=per_image)
+            if per_image:
+                keys.extend(b["key"])
+                tables.append(table)
             done += len(b["key"])
         if progress:
             progress(done, total)
     if world_size > 1:  # every rank scored its slice: sum the counts
         for t in metrics.tensors():
             torch.distributed.all_reduce(t)
+    if per_image:
+        metrics.images = _gather_images(keys, tables, spec.num_classes, world_size)
     result = metrics.compute()
     seconds = time.perf_counter() - t0
     result["images"] = int(metrics.counts[0])

@@ -371,11 +371,13 @@ def export_checkpoint(
     output_stride: int | None = None,
     check_image: Path | str | None = None,
     check_size: tuple[int, int] | None = None,
+    registry: dict | None = None,
 ) -> ExportReport:
     """Export `checkpoint` to `out` as `fmt`; the file appears only once its logits match
     PyTorch's on the check image (`check_image`, resized to `check_size` if given; else seeded
     noise at `check_size` or CHECK_SIZE) and on a batch of 2 at an odd size
-    (DYNAMIC_CHECK_SIZE). Raises CheckpointError otherwise."""
+    (DYNAMIC_CHECK_SIZE). Raises CheckpointError otherwise. `registry`: the registry version
+    the checkpoint is, kept in the metadata."""
     from pipeline.data.transforms import resize_image
     from pipeline.engine.checkpoint import build_from_checkpoint, sha256_file
 
@@ -394,6 +396,8 @@ def export_checkpoint(
         image = random_image(tuple(check_size or CHECK_SIZE))
     model, ckpt = build_from_checkpoint(checkpoint, "cpu", output_stride=output_stride)
     meta = metadata_for(ckpt, checkpoint, sha256_file(checkpoint), model.output_stride, fmt)
+    if registry is not None:  # the registry version the checkpoint is (name, version, commit)
+        meta["registry"] = registry
     min_size = model.output_stride + 1
     if min(image.shape[-2:]) < min_size:
         raise ConfigError(

@@ -121,6 +121,13 @@ def evaluate(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Checkpoint to score (default outputs/train/best.pt).")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of --checkpoint: a registry version (deeplab@v1.3.0, deeplab#prod), "
+            "fetched from the DVC remote where this clone lacks it."
+        ),
+    ] = None,
     shards: Annotated[
         str | None,
         typer.Option(help="Shard folder or s3://bucket/prefix URL (default: the val shards)."),
@@ -162,23 +169,37 @@ def evaluate(
         _print_metrics(console, metrics)
         return
     p = steps.load(params, set_)
+    source = None
+    if model is not None:
+        if checkpoint is not None:
+            raise typer.BadParameter("give --checkpoint or --model, one of them")
+        checkpoint, source = _from_registry(params, model)
     if gpus and not distributed.in_worker():
         extra = [
-            f"--{k}={v}"
-            for k, v in (("checkpoint", checkpoint), ("shards", shards), ("out", out))
-            if v
-        ]
+            f"--{k}={v}" for k, v in (("model", model), ("shards", shards), ("out", out)) if v
+        ] + ([f"--checkpoint={checkpoint}"] if checkpoint and not model else [])
         args = launch.worker_args("eval", params, set_, *extra)
         _torchrun(launch.Topology(gpus), args, p.evaluate.device, "evaluate.device")
         return
     with _process_group(p.evaluate.device) as rank:
         if rank == 0:
             with progress_bar("eval") as update:
-                metrics = steps.evaluate(p, checkpoint, shards, out, progress=update)
+                metrics = steps.evaluate(
+                    p, checkpoint, shards, out, progress=update, registry=source
+                )
         else:
-            metrics = steps.evaluate(p, checkpoint, shards, out)
+            metrics = steps.evaluate(p, checkpoint, shards, out, registry=source)
     if rank == 0:
         _print_metrics(console, metrics)
+
+
+def _from_registry(params: Path, ref: str) -> tuple[Path, dict]:
+    """(local weights, provenance) of a registry version, in the project of `params`."""
+    from stages import registry
+
+    root = Path(params).resolve().parent
+    v = registry.resolve(root, ref)
+    return registry.fetch(root, v), v.provenance()
 
 
 def say(line: str) -> None:
@@ -237,10 +258,12 @@ def predict(
         Path | None, typer.Option(help="Trained checkpoint (e.g. outputs/train/best.pt).")
     ] = None,
     model_file: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--model",
-            help="Instead of --checkpoint: a model from `seg export` (.onnx, .torchscript.pt, .pt2).",
+            help="Instead of --checkpoint: a model from `seg export` (.onnx, .torchscript.pt, "
+            ".pt2), or a registry version (deeplab#prod, deeplab@v1.3.0: its checkpoint, fetched "
+            "from the DVC remote where this clone lacks it).",
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
@@ -282,6 +305,13 @@ def predict(
         raise typer.BadParameter(f"--output {output}: valid: {', '.join(OUTPUTS)}")
     if (checkpoint is None) == (model_file is None):
         raise typer.BadParameter("give --checkpoint or --model, one of them")
+    from stages.registry import parse_ref
+
+    source = None
+    if model_file is not None and not Path(model_file).exists() and parse_ref(model_file):
+        checkpoint, source = _from_registry(Path("params.yaml"), model_file)
+        model_file = None
+    model_file = Path(model_file) if model_file is not None else None
     if model_file is not None and output_stride is not None:
         raise typer.BadParameter("--output-stride: an exported model runs at its export stride")
     dev = resolve_device(device)
@@ -304,7 +334,28 @@ def predict(
         written = predict_files(
             model, paths, out, spec, dev, opts, batch_size, tuple(output or OUTPUTS), update
         )
-    console.print(f"{len(paths)} image(s) -> {len(written)} files in {out}")
+    if source is not None:  # only then: a prediction folder otherwise holds the PNGs alone
+        _write_provenance(out, checkpoint, model_file, source, len(paths))
+    via = f" with {source['ref']} (commit {source['commit'][:8]})" if source else ""
+    console.print(f"{len(paths)} image(s) -> {len(written)} files in {out}{via}")
+
+
+def _write_provenance(out: Path, checkpoint, model_file, source, images: int) -> None:
+    """{out}/provenance.json: which registry version made these predictions, and when."""
+    import json
+
+    from pipeline import provenance
+    from pipeline.atomic import atomic_write
+    from pipeline.engine.checkpoint import sha256_file
+
+    weights = Path(model_file or checkpoint)
+    doc = {
+        "model": {"path": str(weights), "sha256": sha256_file(weights)},
+        "registry": source,
+        "images": images,
+        "time": provenance.now(),
+    }
+    atomic_write(out / "provenance.json", json.dumps(doc, indent=2) + "\n")
 
 
 @cli_errors

@@ -17,7 +17,11 @@ def register(app: typer.Typer) -> None:
 @cli_errors
 def export(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Trained checkpoint (e.g. outputs/train/best.pt).")
+        str,
+        typer.Argument(
+            help="Trained checkpoint (e.g. outputs/train/best.pt), or a registry version "
+            "(deeplab#prod, deeplab@v1.3.0), fetched from the DVC remote where needed."
+        ),
     ],
     format_: Annotated[
         str, typer.Option("--format", "-f", help="onnx, torchscript or exported-program.")
@@ -45,14 +49,27 @@ def export(
     PyTorch's on the check image and on a batch of 2 at an odd size (dynamic batch, H, W)."""
     from pipeline.engine.export import SUFFIXES, export_checkpoint
     from stages.progress import console
+    from stages.registry import parse_ref
 
     # an unknown format fails in export_checkpoint, in one line naming the checkpoint
     suffix = SUFFIXES.get(format_, f".{format_}")
+    source = None
+    if not Path(checkpoint).exists() and parse_ref(checkpoint):
+        from stages import registry
+
+        root = Path.cwd()
+        v = registry.resolve(root, checkpoint)
+        checkpoint, source = registry.fetch(root, v), v.provenance()
+        out = out or Path(f"{v.name}-{v.version}{suffix}")  # here, not in the fetch cache
+    checkpoint = Path(checkpoint)
     out = out or checkpoint.with_name(checkpoint.name.removesuffix(".pt") + suffix)
     with console.status(f"exporting {checkpoint} as {format_}"):
-        report = export_checkpoint(checkpoint, format_, out, output_stride, check_image, check_size)
+        report = export_checkpoint(
+            checkpoint, format_, out, output_stride, check_image, check_size, registry=source
+        )
+    via = f" ({source['ref']}, commit {source['commit'][:8]})" if source else ""
     console.print(
-        f"{checkpoint} -> {out} ({format_}, output stride {report.output_stride}, "
+        f"{checkpoint}{via} -> {out} ({format_}, output stride {report.output_stride}, "
         f"{report.num_classes} classes) in {report.export_seconds:.1f}s; checked against "
         f"PyTorch, {report.summary()}"
     )
