@@ -174,7 +174,14 @@ def concurrency(collision: str = "skip", limit: int = 1):
 
 
 def _deployment_kwargs(
-    cron, timezone, overrides, collision, branch=None, limits=None, parallel: int = 1
+    cron,
+    timezone,
+    overrides,
+    collision,
+    branch=None,
+    limits=None,
+    parallel: int = 1,
+    promote: str | None = None,
 ) -> dict:
     from prefect.types.entrypoint import EntrypointType
 
@@ -183,6 +190,8 @@ def _deployment_kwargs(
         parameters["branch"] = branch
     if limits:
         parameters["limits"] = runs.Limits.parse(limits).as_dict()
+    if promote:
+        parameters["promote"] = promote
     return {
         "schedules": [_schedule(cron, timezone)] if cron else [],
         "concurrency_limit": concurrency(collision, parallel),
@@ -205,11 +214,13 @@ def deployment(
     collision: str = "skip",
     branch: str | None = None,
     limits: list[str] | None = None,
+    promote: str | None = None,
 ):
     """The pipeline flow as a deployment on a cron schedule (what `seg serve` serves); each
     run works in a workspace of its own made from the serving process's clone."""
     return pipeline_flow.to_deployment(
-        name, **_deployment_kwargs(cron, timezone, overrides, collision, branch, limits)
+        name,
+        **_deployment_kwargs(cron, timezone, overrides, collision, branch, limits, 1, promote),
     )
 
 
@@ -252,6 +263,8 @@ def deploy(
     branch: str | None = None,
     limits: list[str] | None = None,
     parallel: int = 1,
+    promote: str | None = None,
+    notify: str | None = None,
 ):
     """Register the deployment on work pool `pool`: its runs execute on the pool's workers
     (`prefect worker start --pool POOL`), in `workdir` on the worker's machine (a clone of
@@ -279,7 +292,9 @@ def deploy(
         job_variables["working_dir"] = str(workdir)
     deployment = pipeline_flow.to_deployment(
         name, work_pool_name=pool, job_variables=job_variables,
-        **_deployment_kwargs(cron, timezone, overrides, collision, branch, limits, parallel),
+        **_deployment_kwargs(
+            cron, timezone, overrides, collision, branch, limits, parallel, promote
+        ),
     )  # fmt: skip
     deployment_id = deployment.apply(work_pool_name=pool)
     if variable:
@@ -288,6 +303,10 @@ def deploy(
         with get_client(sync_client=True) as client:
             client.update_deployment(deployment_id, DeploymentUpdate(pull_steps=[step]))
     crash_silent_runs(deployment_id, f"{pipeline_flow.name}/{name}")
+    if notify:
+        from stages.promotion import notify_on_regression
+
+        notify_on_regression(deployment_id, f"{pipeline_flow.name}/{name}", notify)
     return deployment_id
 
 

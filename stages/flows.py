@@ -76,6 +76,7 @@ def pipeline_flow(
     limits: dict[str, float] | None = None,
     workspace: bool = False,
     trial: dict | None = None,
+    promote: str | None = None,
 ) -> dict:
     """Run the stale stages of dvc.yaml up to `targets` (default: all), one task per stage,
     with `overrides` (`section.key=value`, as `dvc exp run -S`).
@@ -87,7 +88,8 @@ def pipeline_flow(
     as `dvc exp run` does; `workspace` makes it run as a deployment's run does (a local
     sweep's trials). `limits`: seconds per kind of command (runs.Limits). `trial`: the sweep
     trial this run is (stages/sweep.py TrialLink): its training reports to the sweep's study,
-    and the run tells the study how it ended."""
+    and the run tells the study how it ended. `promote` (a deployment's run): the registry
+    stage its model is gated for (stages/promotion.py)."""
     from prefect.runtime import deployment
 
     logger = get_run_logger()
@@ -95,7 +97,15 @@ def pipeline_flow(
     try:
         lim = runs.Limits.parse(limits)
         if deployment.get_id() or workspace:
-            return _in_workspace(targets, overrides, log_every, commit, branch, lim, logger, trial)
+            out = _in_workspace(
+                targets, overrides, log_every, commit, branch, lim, logger, trial, promote
+            )
+            gated = out.get("promotion")
+            if gated and not gated["promoted"]:  # the run completes, saying why
+                from prefect.states import Completed
+
+                return Completed(message=gated["line"], data=out)
+            return out
         if commit or branch:
             raise ConfigError("commit and branch pin a deployment's runs; `seg flow` runs here")
         return _pipeline(project_root(), targets, overrides, log_every, lim, logger)
@@ -104,7 +114,9 @@ def pipeline_flow(
             watch.stop()
 
 
-def _in_workspace(targets, overrides, log_every, commit, branch, lim, logger, trial) -> dict:
+def _in_workspace(
+    targets, overrides, log_every, commit, branch, lim, logger, trial, promote
+) -> dict:
     """A deployment's run: its workspace made, its own code loaded, the pipeline run there by
     that code (`run_in_workspace`), the workspace removed."""
     from prefect.runtime import flow_run
@@ -134,6 +146,7 @@ def _in_workspace(targets, overrides, log_every, commit, branch, lim, logger, tr
                 name=name, targets=targets, overrides=list(overrides or []),
                 log_every=log_every, limits=lim.as_dict(), setup_seconds=ws.seconds,
                 **({"trial": trial} if trial else {}),
+                **({"promote": promote} if promote else {}),
             )  # fmt: skip
     finally:
         ws.remove()
@@ -152,6 +165,7 @@ def run_in_workspace(
     limits: dict[str, float],
     setup_seconds: float,
     trial: dict | None = None,
+    promote: str | None = None,
 ) -> dict:
     """The pipeline in a run's workspace, by the workspace's own code (its stages.flows; the
     deployment's entry point calls this after `runs.load_flows`). Outputs come from the
@@ -163,7 +177,7 @@ def run_in_workspace(
     try:
         return _run_in_workspace(
             workspace, clone, commit, source, name, targets, overrides, log_every, limits,
-            setup_seconds, trial,
+            setup_seconds, trial, promote,
         )  # fmt: skip
     finally:
         os.chdir(here)
@@ -181,6 +195,7 @@ def _run_in_workspace(
     limits,
     setup_seconds,
     trial,
+    promote,
 ) -> dict:
     logger = get_run_logger()
     root, lim = Path(workspace), runs.Limits.parse(limits)
@@ -222,6 +237,14 @@ def _run_in_workspace(
     if "evaluate" in planned and out["pruned"] is None:
         out.update(publish_metrics(workspace, evaluated="evaluate" in _ran(results)))
     out["kfold"] = _kfold(root)
+    if promote and out["pruned"] is None and "evaluate" in planned:
+        from stages.promotion import promote_model
+        from stages.registry import models
+
+        declared = sorted(models(root))
+        if len(declared) != 1:
+            raise ConfigError(f"promote: dvc.yaml declares {len(declared)} models, not one")
+        out["promotion"] = promote_model(workspace, out["experiment"], promote, declared[0])
     if link is not None:
         from stages.sweep_flow import finish_trial
 

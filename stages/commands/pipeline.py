@@ -40,6 +40,13 @@ LimitOpt = Annotated[
         "(600: waiting for DVC's lock).",
     ),
 ]
+PromoteOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A registry stage (prod): each run's model is registered and gated against the "
+        "stage's holder, promoted when ΔmIoU's lower bound beats registry.min_gain."
+    ),
+]
 CronOpt = Annotated[str, typer.Option(help="When to run (cron; UTC unless --timezone).")]
 TimezoneOpt = Annotated[
     str | None, typer.Option(help="IANA timezone of --cron, e.g. Europe/Berlin.")
@@ -117,6 +124,7 @@ def serve(
     collision: CollisionOpt = "skip",
     branch: BranchOpt = None,
     limit: LimitOpt = None,
+    promote: PromoteOpt = None,
 ) -> None:
     """Serve the pipeline flow on a schedule until Ctrl-C, one run at a time: each run is an
     experiment at the tip of the branch, in a workspace of its own; this clone is not changed
@@ -131,7 +139,9 @@ def serve(
     root = dvc_stages.project_root()  # runs start from here: fail now, not at 3 a.m.
     branch = branch or runs.current_branch(root, runs.Limits())
     name = name or deployments.default_name(root)
-    deployment = deployments.deployment(name, cron, timezone, set_, collision, branch, limit)
+    deployment = deployments.deployment(
+        name, cron, timezone, set_, collision, branch, limit, promote
+    )
     # the runs it starts send heartbeats; a run whose heartbeats stop is marked Crashed
     os.environ.update(deployments.run_env())
     if api is not None:
@@ -165,6 +175,11 @@ def deploy(
     ] = None,
     branch: BranchOpt = None,
     limit: LimitOpt = None,
+    promote: PromoteOpt = None,
+    notify: Annotated[
+        str | None,
+        typer.Option(help="A webhook URL that gets one call when a run's model regresses."),
+    ] = None,
 ) -> None:
     """Register the scheduled pipeline on a work pool; `prefect worker start --pool POOL` runs
     it. Each run is an experiment at a commit (the branch's tip, or the run's `commit`), in a
@@ -180,7 +195,7 @@ def deploy(
     variable = deployments.workdir_variable(workdir or "")
     where = workdir if variable else (Path(workdir) if workdir else root).absolute()
     deployment_id = deployments.deploy(
-        pool, name, cron, timezone, set_, collision, where, branch, limit
+        pool, name, cron, timezone, set_, collision, where, branch, limit, 1, promote, notify
     )
     start = f"{variable}=/path/to/clone " if variable else ""
     console.print(
