@@ -488,7 +488,8 @@ def test_changed_param_reruns_train_and_evaluate_as_an_experiment(server, proj):
             )
             assert run.parameters == {
                 "targets": None, "overrides": ["train.lr=0.02"], "log_every": 2,
-                "commit": None, "branch": None, "limits": None,
+                "commit": None, "branch": None, "limits": None, "workspace": False,
+                "trial": None, "promote": None,
             }  # fmt: skip
             table = _eventually(lambda: _stage_table(client, run.id))
 

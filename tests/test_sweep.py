@@ -136,3 +136,71 @@ def test_the_table_ranks_finished_trials_then_running_pruned_failed(tmp_path):
     assert rows[0]["val_miou"] == 45.0 and rows[3]["last_reported"] == "10.00 at 100"
     text = markdown(study)
     assert "| 1 | complete | 45.0 |" in text and "data:image/png;base64," in text
+
+
+# ----------------------------------------------------------------------------- end to end
+
+# 150 steps of the learned recipe, validated every 50: a trial with lr 0.15 learns, one with
+# lr 0.0 does not; TPE with seed 6 hands out 0.15, 0.15, 0.0 (its random start, Optuna 5.0)
+SWEEP_PARAMS = {"synth.val": 16, "train.iterations": 150, "train.batch_size": 4,
+                "train.val_interval": 50, "train.checkpoint_interval": 50,
+                "train.log_every": 50}  # fmt: skip
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # minutes: three trainings; `make test-slow` (and CI) runs it
+def test_a_local_tpe_sweep_prunes_the_trial_built_to_be_pruned(tmp_path, monkeypatch):
+    """`seg sweep --local --sampler tpe --prune median`: trials one after another, each in a
+    workspace of its own and an experiment of the project; the trial with lr 0 is stopped at
+    its first validation (behind the median of the two before it), marked pruned in its
+    experiment's metrics, and ranked last by `seg sweep show`."""
+    from test_dvc import _new_project, dvc, git
+
+    proj = _new_project(tmp_path / "proj", **SWEEP_PARAMS)
+    dvc(proj, "repro", "synth", "preprocess@train", "preprocess@val")
+    git(proj, "add", "-A")
+    git(proj, "commit", "-q", "-m", "data")
+    before = git(proj, "status", "--porcelain"), (proj / "params.yaml").read_bytes()
+    monkeypatch.chdir(proj)
+    for key, value in _proc_env(proj).items():
+        monkeypatch.setenv(key, value)
+    args = ["sweep", "lr", "--local", "-S", "train.lr=0.15,0.0", "--sampler", "tpe", "--trials",
+            "3", "--prune", "median", "--seed", "6"]  # fmt: skip
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(app, ["sweep", "show", "lr", "--json"])
+    rows = json.loads(shown.output)
+    assert [(r["trial"], r["state"]) for r in rows] == [
+        (0, "complete"), (1, "complete"), (2, "pruned")
+    ] or [(r["trial"], r["state"]) for r in rows] == [
+        (1, "complete"), (0, "complete"), (2, "pruned")
+    ], rows  # fmt: skip
+    assert rows[2]["overrides"] == "train.lr=0.0" and rows[2]["last_reported"].endswith("at 50")
+    assert all(r["experiment"] for r in rows), rows
+    # every trial is an experiment of the project; the pruned one says so in its metrics
+    exps = json.loads(dvc(proj, "exp", "show", "--json").stdout)
+    found = {
+        e["name"]: e["data"]["metrics"]["outputs/train/dvclive/metrics.json"]["data"]
+        for row in exps if row["rev"] != "workspace"
+        for group in row.get("experiments") or [] for e in group["revs"]
+    }  # fmt: skip
+    assert {r["experiment"] for r in rows} <= set(found), (rows, found)
+    assert found[rows[2]["experiment"]].get("pruned") == 50
+    assert all("pruned" not in found[r["experiment"]] for r in rows[:2])
+    assert (git(proj, "status", "--porcelain"), (proj / "params.yaml").read_bytes()) == before
+    assert not list(proj.glob(".dvc/tmp/seg/runs/*"))
+
+
+def _proc_env(proj: Path) -> dict[str, str]:
+    from test_dvc import _env
+
+    home = proj.parent / f"{proj.name}-home"
+    home.mkdir(exist_ok=True)
+    (home / ".gitconfig").write_text("[user]\n\tname = t\n\temail = t@t\n")
+    env = _env(home)
+    env["PREFECT_HOME"] = str(home / ".prefect")
+    return {k: v for k, v in env.items() if k in ("PATH", "HOME", "PREFECT_HOME") or
+            k.startswith(("DVC_", "GIT_"))}  # fmt: skip
