@@ -1,4 +1,5 @@
-"""PNG reading with errors that name the file."""
+"""PNG (and JPEG) reading with errors that name the file, with the fastest decoder that gives
+the same pixels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from PIL import Image
 
 from pipeline.errors import DataError
 
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
 
 def read_png(path: Path | str, mode: str | None = None) -> np.ndarray:
     """Decode an image file fully (truncated files fail here, not later).
@@ -17,10 +20,18 @@ def read_png(path: Path | str, mode: str | None = None) -> np.ndarray:
     `mode` converts (e.g. "RGB"); None keeps the stored mode (palette indices stay indices,
     16-bit stays 16-bit).
     """
+    if mode is None:
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc})") from None
+        return decode_png_bytes(data, str(path))
     try:
         with Image.open(path) as im:
             im.load()
-            if mode is not None and im.mode != mode:
+            if im.mode != mode:
                 im = im.convert(mode)
             return np.asarray(im).copy()
     except FileNotFoundError:
@@ -29,7 +40,32 @@ def read_png(path: Path | str, mode: str | None = None) -> np.ndarray:
         raise DataError(f"{path}: cannot decode image ({exc})") from None
 
 
+def is_png(data: bytes) -> bool:
+    return data.startswith(_PNG_MAGIC)
+
+
+def _spng_can(data: bytes) -> bool:
+    """PNGs libspng decodes exactly as Pillow does (tests/test_codecs.py checks): 8-bit gray,
+    RGB and RGBA, not interlaced. Palette PNGs (VOC labels: the indices are the class ids),
+    16-bit ones (pyspng 0.1.4 returns 16-bit gray as two channels) and the rest go to Pillow,
+    which keeps indices as indices."""
+    if len(data) < 33 or not is_png(data) or data[12:16] != b"IHDR":
+        return False
+    depth, colour, interlace = data[24], data[25], data[28]
+    return interlace == 0 and depth == 8 and colour in (0, 2, 6)
+
+
 def decode_png_bytes(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """A PNG or JPEG file's bytes -> its array as stored (gray, RGB, RGBA, 16-bit, palette
+    indices), writable. 8-bit PNGs with libspng (pyspng: 1.9x Pillow's speed on 1024x2048
+    photos, benchmarks/data_path.py), the rest with Pillow."""
+    if _spng_can(data):
+        import pyspng
+
+        try:
+            return pyspng.load(data)
+        except Exception as exc:  # libspng's errors share no class
+            raise DataError(f"{source}: cannot decode image ({exc})") from None
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
