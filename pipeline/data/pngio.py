@@ -3,6 +3,7 @@ the same pixels."""
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -46,32 +47,43 @@ def is_png(data: bytes) -> bool:
 
 def _spng_can(data: bytes) -> bool:
     """PNGs libspng decodes exactly as Pillow does (tests/test_codecs.py checks): 8-bit gray,
-    RGB and RGBA, not interlaced. Palette PNGs (VOC labels: the indices are the class ids),
-    16-bit ones (pyspng 0.1.4 returns 16-bit gray as two channels) and the rest go to Pillow,
-    which keeps indices as indices."""
+    RGB and RGBA, and 16-bit gray (Cityscapes' instanceIds), not interlaced. Palette PNGs (VOC
+    labels: the indices are the class ids) and the rest go to Pillow, which keeps indices as
+    indices."""
     if len(data) < 33 or not is_png(data) or data[12:16] != b"IHDR":
         return False
     depth, colour, interlace = data[24], data[25], data[28]
-    return interlace == 0 and depth == 8 and colour in (0, 2, 6)
+    return interlace == 0 and ((depth == 8 and colour in (0, 2, 6)) or (depth, colour) == (16, 0))
 
 
 def decode_png_bytes(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """A PNG or JPEG file's bytes -> its array as stored (gray, RGB, RGBA, 16-bit, palette
-    indices), writable. 8-bit PNGs with libspng (pyspng: 1.9x Pillow's speed on 1024x2048
-    photos, benchmarks/data_path.py), the rest with Pillow."""
-    if _spng_can(data):
-        import pyspng
-
+    indices), writable. Plain PNGs with libspng (pyspng: 1.9x Pillow's speed on 1024x2048
+    photos, benchmarks/data_path.py), the rest with Pillow. Without pyspng (a platform it has
+    no wheel for), Pillow decodes everything."""
+    if _spng_can(data) and _pyspng() is not None:
         try:
-            return pyspng.load(data)
+            out = _pyspng().load(data)
         except Exception as exc:  # libspng's errors share no class
             raise DataError(f"{source}: cannot decode image ({exc})") from None
+        if out.dtype == np.uint16 and out.ndim == 3:  # pyspng 0.1.4: 16-bit gray as (gray,
+            out = np.ascontiguousarray(out[..., 0])  # alpha 65535); the gray is Pillow's
+        return out
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return np.array(im)  # one copy, writable
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{source}: cannot decode image ({exc})") from None
+
+
+@functools.cache
+def _pyspng():
+    try:
+        import pyspng
+    except ImportError:
+        return None
+    return pyspng
 
 
 def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:

@@ -62,7 +62,7 @@ from pipeline import store
 from pipeline.atomic import atomic_dir
 from pipeline.data import codecs
 from pipeline.data.codecs import IMAGE_FORMATS, NPY_ZST
-from pipeline.data.labels import DatasetSpec
+from pipeline.data.labels import DatasetSpec, count_ids
 from pipeline.data.pngio import decode_png_bytes, encode_png, is_png, read_png
 from pipeline.data.sources import Adapter, SourceSample, get_adapter
 from pipeline.errors import ConfigError, DataError
@@ -125,6 +125,8 @@ def _convert(args: tuple[Adapter, SourceSample, str, str | None]) -> dict:
             rgb = np.ascontiguousarray(image[..., :3].astype(np.uint8))
             if image_format == "zstd":
                 members = {f"image.{NPY_ZST}": codecs.encode_zstd(rgb)}
+            elif image_format == "zstd-up":
+                members = {"image.up.npy.zst": codecs.encode_up_zstd(rgb)}
             elif image_format == "npy":
                 members = {"image.npy": codecs.npy_bytes(rgb)}
             else:
@@ -146,7 +148,7 @@ def _convert(args: tuple[Adapter, SourceSample, str, str | None]) -> dict:
                 )
             # labels decode ~10x faster from zstd than from PNG at the same bytes (codecs)
             members[f"label.{NPY_ZST}"] = codecs.encode_zstd(train_ids.astype(np.uint8))
-            hist = np.bincount(train_ids.ravel(), minlength=256)
+            hist = count_ids(train_ids)
             counts = hist[: spec.num_classes].astype(np.int64)
             ignored = int(hist[spec.ignore_index])
             source["label"] = _rel(sample.label, root)
