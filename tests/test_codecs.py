@@ -42,7 +42,8 @@ def test_every_codec_round_trips_real_pixels_bit_exact():
     crop = np.ascontiguousarray(image[40:104, 17:145])  # odd offsets: no alignment luck
     for array in (image, crop, label, instance, label[5:37, 3:70]):
         for ext, data in (
-            ("image.npy.zst", codecs.encode_zstd(array)),
+            ("image.up.npy.zst", codecs.encode_up_zstd(array)),  # image_format zstd
+            ("label.npy.zst", codecs.encode_zstd(array)),  # labels, instanceIds
             ("image.npy", codecs.npy_bytes(array)),
         ):
             out = codecs.decode_member(ext, data, "test")
@@ -76,19 +77,26 @@ def test_the_fast_png_decoder_gives_pillows_pixels_or_leaves_the_png_to_pillow(t
     assert np.array_equal(decode_png_bytes(jpeg), _pillow(jpeg))
 
 
-def test_zstd_bytes_are_those_recorded_for_this_library_and_level():
+def test_zstd_bytes_are_those_recorded_for_this_library_and_levels():
     """Shard bytes feed DVC's hashes and store prefixes: the bytes of a fixed array are those
-    recorded with zstandard 0.25.0 (libzstd 1.5.7) at level 3. If this fails, the library or
-    its settings changed the output: bump shards.FORMAT_VERSION (new content ids) and say so."""
+    recorded with zstandard 0.25.0 (libzstd 1.5.7), labels at level 3, Up-filtered images at
+    level 1. If this fails, the library or its settings changed the output: bump
+    shards.FORMAT_VERSION (new content ids) and say so."""
     rng = np.random.default_rng(0)
     array = (rng.integers(0, 8, (64, 96, 3)) * 31).astype(np.uint8)  # compressible, not flat
-    data = codecs.encode_zstd(array)
-    assert data == codecs.encode_zstd(array)
-    assert codecs.codec_signature() == "zstd-3 (zstandard 0.25.0, libzstd 1.5.7)"
-    assert hashlib.sha256(data).hexdigest() == RECORDED_ZSTD_SHA256
+    label, image = codecs.encode_zstd(array), codecs.encode_up_zstd(array)
+    assert label == codecs.encode_zstd(array) and image == codecs.encode_up_zstd(array)
+    assert codecs.codec_signature() == (
+        "images: Up filter + zstd-1, labels: zstd-3 (zstandard 0.25.0, libzstd 1.5.7)"
+    )
+    assert hashlib.sha256(label).hexdigest() == RECORDED["label"]
+    assert hashlib.sha256(image).hexdigest() == RECORDED["image"]
 
 
-RECORDED_ZSTD_SHA256 = "5c9517cd3ce9169f69dc969549a211f33722a338b47260c41324da0487055a34"
+RECORDED = {
+    "label": "5c9517cd3ce9169f69dc969549a211f33722a338b47260c41324da0487055a34",
+    "image": "f71b56968cbb51317ca44186d92a6919470d28fe5d94032483961a1ae3d77ee1",
+}
 
 
 def test_a_damaged_member_fails_in_one_line_naming_it():

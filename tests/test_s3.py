@@ -132,6 +132,34 @@ def test_preprocess_into_a_store_writes_a_prefix_named_after_its_content_once(
         list(EvalReader(tmp_path / "host-b" / "val"))
 
 
+@pytest.mark.e2e
+def test_dvc_repro_with_data_store_tracks_pointers_and_never_rewrites_the_bucket(s3_env, tmp_path):
+    """README "Beyond one machine", step 1, as written: data.store in params.yaml, the shipped
+    dvc.yaml. DVC tracks the pointers; a forced rerun (DVC deletes the stage's output first)
+    finds the prefix complete and uploads nothing."""
+    from test_dvc import _lock, _new_project, dvc
+
+    s3 = s3_env
+    bucket = _versioned(s3, "dvcstore")
+    proj = _new_project(tmp_path / "proj", **{"data.store": f"s3://{bucket}/shards"})
+    dvc(proj, "repro", "preprocess@train", "preprocess@val")
+    for split in ("train", "val"):
+        folder = proj / "data/shards" / split
+        assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, POINTER]
+        url = json.loads((folder / POINTER).read_text())["url"]
+        assert url.startswith(f"s3://{bucket}/shards/{split}/")
+        assert f"{url.split('/', 3)[3]}/{MANIFEST}" in s3.keys(bucket)
+    outs = {o["path"]: o for o in _lock(proj)["preprocess@val"]["outs"]}
+    assert outs["data/shards/val"]["md5"].endswith(".dir")  # DVC caches the pointer folder
+    pointer, puts = (proj / "data/shards/val" / POINTER).read_bytes(), _puts(s3, bucket)
+    forced = dvc(proj, "repro", "-f", "preprocess@val")
+    assert "found there already, nothing uploaded" in forced.stdout, forced.stdout
+    assert _puts(s3, bucket) == puts
+    assert (proj / "data/shards/val" / POINTER).read_bytes() == pointer
+    assert json.loads(dvc(proj, "status", "--json").stdout) == {}
+    _one_version_each(s3, bucket)
+
+
 def test_a_reader_keeps_its_pinned_prefix_while_the_split_is_preprocessed_again(
     s3_env, tiny_root, tmp_path
 ):

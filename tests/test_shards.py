@@ -54,7 +54,7 @@ def test_shards_are_byte_identical_and_manifest_is_complete(tiny_root, tmp_path,
     with tarfile.open(tmp_path / "a" / "shard-000000.tar") as tar:
         names = tar.getnames()
         assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in tar.getmembers())
-    image = {"png": "image.png", "zstd": "image.npy.zst", "npy": "image.npy"}[image_format]
+    image = {"png": "image.png", "zstd": "image.up.npy.zst", "npy": "image.npy"}[image_format]
     assert names[:4] == [
         f"alpha_000000_000019.{image}",
         "alpha_000000_000019.instance.npy.zst",
@@ -68,7 +68,7 @@ def test_shards_are_byte_identical_and_manifest_is_complete(tiny_root, tmp_path,
     assert len(row["image_xxh3"]) == len(row["label_xxh3"]) == 16
     info = manifest_info(tmp_path / "a")  # the codec is named in the manifest
     assert info["image_format"] == image_format and info["format_version"] == "2"
-    assert info["codec"].startswith("zstd-3 (zstandard 0.25.0, libzstd ")
+    assert info["codec"].startswith("images: Up filter + zstd-1, labels: zstd-3 (zstandard 0.25.0")
     # every pixel as the source has it, whatever the codec
     for sample in EvalReader(tmp_path / "a"):
         key = sample["key"]
@@ -283,6 +283,6 @@ def test_a_reader_mid_epoch_never_mixes_in_a_split_written_over_it(tiny_root, tm
         for _ in range(12):
             seen.append(next(stream))
     line = str(err.value).strip().splitlines()[-1]
-    assert re.search(r"train/shard-00000\d\.tar: \w+_0000\d\d_000019\.image\.npy\.zst: does not "
+    assert re.search(r"train/shard-00000\d\.tar: \w+_0000\d\d_000019\.image\.up\.npy\.zst: does not "
                      r"match its xxh3 in the manifest this reader pinned", line), line  # fmt: skip
     assert seen and all(torch.equal(s["image"], old[s["key"]]) for s in seen)

@@ -1,22 +1,30 @@
 """The bytes of shard members: lossless image and label codecs, and the checksums readers check.
 
-A member's codec is named by its extension in the tar (`{key}.image.npy.zst`), so a reader
+A member's codec is named by its extension in the tar (`{key}.image.up.npy.zst`), so a reader
 needs nothing else to decode it, and old shards keep decoding:
 
-    image.png       a source PNG's own bytes (`image_format: png`, the demo's)
-    image.jpg       a source JPEG's own bytes (CamVid, VOC: `png` keeps them as they are)
-    image.npy       raw uint8 (H, W, 3) in .npy (`npy`)
-    image.npy.zst   the same .npy, zstd level 3 (`zstd`): the Cityscapes recipe's
-    label.npy.zst   train ids, uint8 (H, W) (every format; `label.png` in shards before it)
-    instance.npy.zst  instanceIds, uint16 (H, W) (`instance.png` before)
+    image.png         a source PNG's own bytes (`image_format: png`, the demo's)
+    image.jpg         a source JPEG's own bytes (CamVid, VOC: `png` keeps them as they are)
+    image.up.npy.zst  `image_format: zstd` (the Cityscapes recipe's): uint8 (H, W, 3) with
+                      PNG's Up filter (each row minus the row above, mod 256), as .npy, in
+                      one zstd frame, level 1
+    image.npy         raw uint8 (H, W, 3) in .npy (`npy`)
+    label.npy.zst     train ids, uint8 (H, W), .npy in one zstd frame, level 3 (every format;
+                      `label.png` in shards before the codecs)
+    instance.npy.zst  instanceIds, uint16 (H, W), the same (`instance.png` before)
 
-Why zstd level 3 (benchmarks/data_path.py, on 1024x2048 mosaics of real CamVid photos, on
-the AVX2 floor: benchmarks/results/*-cpu-data-path.md): it decodes 5-7x faster than Pillow's
-PNG and 3x faster than libspng's, at 1.3x PNG's bytes (1.38x at most, within the issue's
-1.4x). lz4 decodes faster still but takes 1.7-2x PNG's bytes; QOI decodes slower than zstd;
-levels 1-2 exceed 1.4x on some frames, levels above 3 encode slower for a few percent. Labels
-compress ~40x either way, and zstd decodes them ~10x faster than PNG: labels are zstd in every
-format. A `.npy.zst` is a plain zstd frame of a plain `.npy` file (`zstd -d` then `np.load`).
+Why (benchmarks/data_path.py on 1024x2048 mosaics of real CamVid photos, on one AVX2 core:
+benchmarks/results/2026-12-06-cpu-data-path.md): the Up filter + zstd decodes 6.5x faster
+than Pillow's PNG and 3.7x faster than libspng's, at 1.04x PNG's bytes, and encodes 27x faster
+than PNG level 6. Raw zstd level 3 decodes as fast but takes 1.38x PNG's bytes (1.41x on some
+frames) and encodes 2x slower; levels 1-2 raw exceed 1.4x; lz4 decodes 2.6x faster still but
+takes 1.9x PNG's bytes; QOI decodes 1.4x slower at 1.2x. The filter makes a photo's rows small
+differences that zstd's entropy stage packs as well as PNG's deflate, and undoing it is one
+vectorised add per row (2 ms a frame). Labels compress 40x either way, and zstd decodes them
+7x faster than libspng: labels are zstd in every format.
+
+`zstd -d x.npy.zst` gives a plain .npy (`np.load`); for images, `np.cumsum(a, axis=0,
+dtype=np.uint8)` undoes the filter.
 
 Shard bytes feed DVC's hashes: the compressor is deterministic for a given libzstd and level
 (one thread, content size written, no dictionary), and pyproject pins `zstandard`, which
@@ -26,8 +34,9 @@ shards in a store, so a new library writes under a new name instead of over the 
 
 from __future__ import annotations
 
+import ast
+import functools
 import io
-import struct
 import threading
 
 import numpy as np
@@ -35,9 +44,11 @@ import numpy as np
 from pipeline.data.pngio import decode_png_bytes
 from pipeline.errors import DataError
 
-IMAGE_FORMATS = ("png", "npy", "zstd", "zstd-up")
-ZSTD_LEVEL = 3  # zstd's own default: the fastest level within 1.4x PNG's bytes (see above)
+IMAGE_FORMATS = ("png", "npy", "zstd")
+ZSTD_LEVEL = 3  # labels, instanceIds: zstd's own default (higher levels: 2x the encode time)
+UP_LEVEL = 1  # Up-filtered images: level 3 saves 7 % of the bytes for 2x the encode time
 NPY_ZST = "npy.zst"
+UP_NPY_ZST = "up.npy.zst"
 _local = threading.local()  # one (de)compressor per thread: they are not thread-safe
 
 
@@ -46,7 +57,10 @@ def codec_signature() -> str:
     import zstandard
 
     lib = ".".join(map(str, zstandard.ZSTD_VERSION))
-    return f"zstd-{ZSTD_LEVEL} (zstandard {zstandard.__version__}, libzstd {lib})"
+    return (
+        f"images: Up filter + zstd-{UP_LEVEL}, labels: zstd-{ZSTD_LEVEL} (zstandard "
+        f"{zstandard.__version__}, libzstd {lib})"
+    )
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -70,18 +84,19 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-UP_LEVEL = 1
-
-
 def encode_up_zstd(array: np.ndarray) -> bytes:
     """PNG's Up filter (each row minus the row above, mod 256), then zstd level 1."""
-    res = array.copy()
+    res = np.empty_like(array)
+    res[0] = array[0]
     np.subtract(array[1:], array[:-1], out=res[1:])
     return encode_zstd(res, UP_LEVEL)
 
 
 def decode_up_zstd(data: bytes, where: str = "<bytes>") -> np.ndarray:
+    """An `.up.npy.zst` member -> the array (the filter undone in place)."""
     out = decode_zstd(data, where)
+    if out.ndim == 0 or out.shape[0] < 2:
+        return out
     rows = out.reshape(out.shape[0], -1)
     for y in range(1, rows.shape[0]):  # row by row: numpy's cumsum along axis 0 is 30x slower
         np.add(rows[y], rows[y - 1], out=rows[y])
@@ -120,13 +135,14 @@ def decode_zstd(data: bytes, where: str = "<bytes>") -> np.ndarray:
 
     try:
         with _decompressor().stream_reader(data, read_across_frames=False) as r:
-            version = np.lib.format.read_magic(r)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(r)
+            pre = r.read(10)  # magic, version, header length (v1: 2 bytes, v2/v3: 4)
+            if len(pre) < 10 or pre[:6] != b"\x93NUMPY":
+                raise ValueError("not an .npy inside")
+            if pre[6] == 1:
+                size = int.from_bytes(pre[8:10], "little")
             else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(r)
-            if fortran or dtype.hasobject:
-                raise ValueError("not a C-ordered plain array")
+                size = int.from_bytes(pre[8:10] + r.read(2), "little")
+            shape, dtype = _npy_header(r.read(size))
             out = np.empty(shape, dtype)
             view = memoryview(out).cast("B")
             got = 0
@@ -135,15 +151,27 @@ def decode_zstd(data: bytes, where: str = "<bytes>") -> np.ndarray:
                 if n == 0:
                     raise ValueError(f"cut short at {got} of {view.nbytes} bytes")
                 got += n
-    except (zstandard.ZstdError, ValueError, struct.error, EOFError) as exc:
+    except (zstandard.ZstdError, ValueError, SyntaxError, TypeError, KeyError) as exc:
         raise DataError(f"{where}: cannot decode zstd array ({exc})") from None
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an .npy header dict; the frames of a split share a few headers, so
+    each is parsed once (literal_eval costs 60 us, a tenth of a label's decode)."""
+    d = ast.literal_eval(header.decode("latin1"))
+    dtype = np.dtype(d["descr"])
+    if d["fortran_order"] or dtype.hasobject:
+        raise ValueError("not a C-ordered plain array")
+    shape = tuple(int(n) for n in d["shape"])
+    return shape, dtype
 
 
 def decode_member(ext: str, data: bytes, where: str) -> np.ndarray:
     """One image-like member by its extension ("image.png", "label.npy.zst", ...)."""
     codec = ext.split(".", 1)[1] if "." in ext else ""
-    if codec == "up.npy.zst":
+    if codec == UP_NPY_ZST:
         return decode_up_zstd(data, where)
     if codec == NPY_ZST:
         return decode_zstd(data, where)

@@ -6,6 +6,7 @@ Nothing downstream hard-codes Cityscapes: stages look a `DatasetSpec` up by name
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -69,12 +70,14 @@ class DatasetSpec:
 
 
 def count_ids(ids: np.ndarray) -> np.ndarray:
-    """(256,) int64 pixel count of each value of a uint8 array. torch's uint8 bincount: ~1 ms
-    for a 1024x2048 label where numpy's (which widens to int64 first) takes ~5."""
-    import torch
-
-    flat = torch.from_numpy(np.ascontiguousarray(ids).reshape(-1))
-    return torch.bincount(flat, minlength=256).numpy()
+    """(256,) int64 pixel count of each value of a uint8 array. Where torch is loaded already
+    (training, scoring), its uint8 bincount: 2.5 ms for a 1024x2048 label where numpy's (which
+    widens to int64 first) takes 5; preprocess workers do not load torch for it (1-3 s each)."""
+    flat = np.ascontiguousarray(ids).reshape(-1)
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return np.bincount(flat, minlength=256)
+    return torch.bincount(torch.from_numpy(flat), minlength=256).numpy()
 
 
 class CityscapesLabel(NamedTuple):

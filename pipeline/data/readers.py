@@ -555,13 +555,37 @@ def skip_for_resume(batches_done: int, batch_size: int, num_workers: int) -> lis
 def collate_train(samples: list[dict]) -> dict:
     """Decoded samples -> {"image": uint8 (B, 3, H, W), "label": uint8 (B, H, W),
     "size": int64 (B, 2)}. Frames of different sizes (PASCAL VOC) are padded to the largest
-    (image 0, label ignore) and `size` keeps each one's own (h, w) for the augmentation."""
+    (image 0, label ignore) and `size` keeps each one's own (h, w) for the augmentation.
+
+    The images are channels-last in memory (B, H, W, 3 underneath): the decoded frames are
+    H, W, 3, so each copies in straight (0.4 ms for 1024x2048, where transposing into
+    B, 3, H, W took 5: a third of a zstd frame's whole decode). The augmentation's output is
+    contiguous and bit for bit the same either way."""
     sizes = torch.tensor([tuple(s["image"].shape[-2:]) for s in samples], dtype=torch.int64)
     h, w = (int(v) for v in sizes.max(0).values)
-    images = torch.zeros(len(samples), 3, h, w, dtype=torch.uint8)
-    labels = torch.full((len(samples), h, w), IGNORE_INDEX, dtype=torch.uint8)
+    ragged = bool((sizes != sizes[0]).any())
+    b = len(samples)
+    images = _batch_tensor((b, h, w, 3), 0 if ragged else None).permute(0, 3, 1, 2)
+    labels = _batch_tensor((b, h, w), IGNORE_INDEX if ragged else None)
     for i, s in enumerate(samples):
         sh, sw = s["image"].shape[-2:]
         images[i, :, :sh, :sw] = s["image"]
         labels[i, :sh, :sw] = s["label"]
     return {"image": images, "label": labels, "size": sizes}
+
+
+def _batch_tensor(shape: tuple[int, ...], fill: int | None) -> torch.Tensor:
+    """A uint8 batch; in a DataLoader worker in shared memory from the start (as torch's
+    default_collate does), so the 25 MB of a 1024x2048 batch of 4 are not copied again to reach
+    the training process. `fill` None: every element is about to be written."""
+    if torch.utils.data.get_worker_info() is not None:
+        numel = 1
+        for n in shape:
+            numel *= n
+        elem = torch.empty(0, dtype=torch.uint8)
+        out = elem.new(elem._typed_storage()._new_shared(numel, device="cpu")).view(shape)
+    else:
+        out = torch.empty(shape, dtype=torch.uint8)
+    if fill is not None:
+        out.fill_(fill)
+    return out

@@ -6,7 +6,7 @@ group of tar members sharing the key (the frame id); each member's codec is its 
 
     {key}.image.png       the RGB image, `image_format: png`: the source PNG's own bytes;
                           `image.jpg` for a JPEG source (the source JPEG's own bytes)
-    {key}.image.npy.zst   the RGB image, `image_format: zstd` (the Cityscapes recipe's)
+    {key}.image.up.npy.zst  the RGB image, `image_format: zstd` (the Cityscapes recipe's)
     {key}.image.npy       the RGB image, `image_format: npy` (raw)
     {key}.label.npy.zst   train ids, uint8 (H, W), 255 = ignore
     {key}.instance.npy.zst  instanceIds, uint16, where the dataset has them (Cityscapes iIoU)
@@ -61,7 +61,7 @@ import numpy as np
 from pipeline import store
 from pipeline.atomic import atomic_dir
 from pipeline.data import codecs
-from pipeline.data.codecs import IMAGE_FORMATS, NPY_ZST
+from pipeline.data.codecs import IMAGE_FORMATS, NPY_ZST, UP_NPY_ZST
 from pipeline.data.labels import DatasetSpec, count_ids
 from pipeline.data.pngio import decode_png_bytes, encode_png, is_png, read_png
 from pipeline.data.sources import Adapter, SourceSample, get_adapter
@@ -124,9 +124,7 @@ def _convert(args: tuple[Adapter, SourceSample, str, str | None]) -> dict:
             # transcoded: zstd / npy, or a PNG of anything that is not a plain RGB PNG
             rgb = np.ascontiguousarray(image[..., :3].astype(np.uint8))
             if image_format == "zstd":
-                members = {f"image.{NPY_ZST}": codecs.encode_zstd(rgb)}
-            elif image_format == "zstd-up":
-                members = {"image.up.npy.zst": codecs.encode_up_zstd(rgb)}
+                members = {f"image.{UP_NPY_ZST}": codecs.encode_up_zstd(rgb)}
             elif image_format == "npy":
                 members = {"image.npy": codecs.npy_bytes(rgb)}
             else:
