@@ -396,3 +396,16 @@ def test_bad_bucket_credentials_or_endpoint_fail_in_one_line_writing_nothing(
         assert sorted(p.name for p in proj.iterdir()) == ["params.yaml"], name  # nothing written
     assert s3.keys("present") == before
     shutil.rmtree(proj)
+
+
+def test_data_store_is_a_url_and_data_shards_then_a_local_folder():
+    from conftest import tiny_params
+
+    from pipeline.errors import ConfigError
+    from pipeline.params import params_from_dict
+
+    assert params_from_dict(tiny_params(**{"data.store": "s3://b/p"})).data.store == "s3://b/p"
+    with pytest.raises(ConfigError, match="data.store: expected an object-store URL"):
+        params_from_dict(tiny_params(**{"data.store": "data/elsewhere"}))
+    with pytest.raises(ConfigError, match="data.shards: with data.store it is the local folder"):
+        params_from_dict(tiny_params(**{"data.store": "s3://b/p", "data.shards": "s3://b/q"}))
