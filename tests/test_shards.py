@@ -57,7 +57,7 @@ def test_shards_are_byte_identical_and_manifest_is_complete(tiny_root, tmp_path,
     image = {"png": "image.png", "zstd": "image.up.npy.zst", "npy": "image.npy"}[image_format]
     assert names[:4] == [
         f"alpha_000000_000019.{image}",
-        "alpha_000000_000019.instance.npy.zst",
+        "alpha_000000_000019.instance.png",  # the source's 16-bit PNG, as it is
         "alpha_000000_000019.json",
         "alpha_000000_000019.label.npy.zst",
     ]

@@ -11,7 +11,8 @@ needs nothing else to decode it, and old shards keep decoding:
     image.npy         raw uint8 (H, W, 3) in .npy (`npy`)
     label.npy.zst     train ids, uint8 (H, W), .npy in one zstd frame, level 3 (every format;
                       `label.png` in shards before the codecs)
-    instance.npy.zst  instanceIds, uint16 (H, W), the same (`instance.png` before)
+    instance.png      instanceIds: the source's 16-bit PNG bytes (only evaluation reads them;
+                      shards.py says why); `instance.npy.zst`, uint16, for other sources
 
 Why (benchmarks/data_path.py on 1024x2048 mosaics of real CamVid photos, on one AVX2 core:
 benchmarks/results/2026-12-06-cpu-data-path.md): the Up filter + zstd decodes 6.5x faster
@@ -85,11 +86,25 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def encode_up_zstd(array: np.ndarray) -> bytes:
-    """PNG's Up filter (each row minus the row above, mod 256), then zstd level 1."""
-    res = np.empty_like(array)
-    res[0] = array[0]
-    np.subtract(array[1:], array[:-1], out=res[1:])
-    return encode_zstd(res, UP_LEVEL)
+    """PNG's Up filter (each row minus the row above, mod 256), then zstd level 1; the
+    filtered rows are written straight into the .npy buffer zstd reads."""
+    buf, body = _npy_buffer(array.shape, array.dtype)
+    body[0] = array[0]
+    np.subtract(array[1:], array[:-1], out=body[1:])
+    return _compressor(UP_LEVEL).compress(buf)
+
+
+def _npy_buffer(shape: tuple[int, ...], dtype: np.dtype) -> tuple[bytearray, np.ndarray]:
+    """(a .npy file's bytes, to be filled: the array `body` is a view of its data part)."""
+    head = io.BytesIO()
+    meta = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+            "shape": tuple(shape)}  # fmt: skip
+    np.lib.format.write_array_header_1_0(head, meta)
+    header = head.getvalue()
+    count = int(np.prod(shape, dtype=np.int64))
+    buf = bytearray(len(header) + count * np.dtype(dtype).itemsize)
+    buf[: len(header)] = header
+    return buf, np.frombuffer(buf, dtype, count, len(header)).reshape(shape)
 
 
 def decode_up_zstd(data: bytes, where: str = "<bytes>") -> np.ndarray:
@@ -106,13 +121,8 @@ def decode_up_zstd(data: bytes, where: str = "<bytes>") -> np.ndarray:
 def encode_zstd(array: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
     """An array as a zstd frame of its .npy bytes (deterministic: see the module doc), the
     .npy assembled with one copy of the pixels (np.save into a BytesIO makes two)."""
-    array = np.ascontiguousarray(array)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(array))
-    header = head.getvalue()
-    buf = bytearray(len(header) + array.nbytes)
-    buf[: len(header)] = header
-    np.frombuffer(buf, np.uint8, array.nbytes, len(header))[:] = array.reshape(-1).view(np.uint8)
+    buf, body = _npy_buffer(array.shape, array.dtype)
+    body[...] = array
     return _compressor(level).compress(buf)
 
 

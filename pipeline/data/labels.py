@@ -75,9 +75,16 @@ def count_ids(ids: np.ndarray) -> np.ndarray:
     widens to int64 first) takes 5; preprocess workers do not load torch for it (1-3 s each)."""
     flat = np.ascontiguousarray(ids).reshape(-1)
     torch = sys.modules.get("torch")
-    if torch is None:
-        return np.bincount(flat, minlength=256)
-    return torch.bincount(torch.from_numpy(flat), minlength=256).numpy()
+    if torch is not None:
+        return torch.bincount(torch.from_numpy(flat), minlength=256).numpy()
+    # numpy widens every element to int64 first: count pixel pairs (uint16, half the
+    # elements), then fold the 256 x 256 table: 2.5 ms instead of 4.4
+    even = flat[: flat.size // 2 * 2]
+    pairs = np.bincount(even.view(np.uint16), minlength=65536).reshape(256, 256)
+    counts = pairs.sum(0) + pairs.sum(1)
+    if flat.size % 2:
+        counts[flat[-1]] += 1
+    return counts
 
 
 class CityscapesLabel(NamedTuple):
