@@ -416,8 +416,22 @@ def main() -> None:
             say(f"\nours zstd / today png, per core (1 worker): "
                 f"{pre[('ours', 'zstd', 1)] / pre[('today', 'png', 1)]:.2f}x")  # fmt: skip
 
+        say(f"\n## 3. Training read: the reader alone, one process, {args.read_samples} frames\n")
+        say("| code | shards | frames/s (= per core) |")
+        say("|---|---|---|")
+        reader: dict = {}
+        for code, fmt in configs:
+            r = run(base if code == "today" else None, "reader", shards=shards[(code, fmt)],
+                    samples=args.read_samples)  # fmt: skip
+            reader[(code, fmt)] = r["frames_per_s"]
+            say(f"| {code} | {fmt} | {r['frames_per_s']:.1f} |")
+        if base:
+            say(
+                f"\nours zstd / today png: {reader[('ours', 'zstd')] / reader[('today', 'png')]:.2f}x"
+            )
+
         say(
-            f"\n## 3. The loader end to end, batch {args.batch}, {args.read_samples} frames a row\n"
+            f"\n## 4. The loader end to end, batch {args.batch}, {args.read_samples} frames a row\n"
         )
         say(
             "| code | shards | workers | decode only frames/s | per core | + augmentation frames/s |"
