@@ -6,6 +6,7 @@ Nothing downstream hard-codes Cityscapes: stages look a `DatasetSpec` up by name
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -15,6 +16,7 @@ import numpy as np
 from pipeline.errors import ConfigError, DataError
 
 IGNORE_INDEX = 255
+_UNKNOWN = 254  # a label id outside a dataset's table, while mapping (no dataset has 254 classes)
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,22 @@ class DatasetSpec:
             if label_ids.min(initial=0) < 0 or label_ids.max(initial=0) > 255:
                 raise DataError(f"{source}: label ids outside 0..255 for dataset {self.name}")
             label_ids = label_ids.astype(np.uint8)
-        present = np.flatnonzero(count_ids(label_ids))
-        unknown = present[~self.valid_label_ids[present]]
-        if unknown.size:
+        # unknown ids map to a marker no dataset uses, looked for after one pass (np.take:
+        # 2x faster than fancy indexing), instead of counting every id first
+        train_ids = np.take(self._checked_lut, label_ids)
+        if (train_ids == _UNKNOWN).any():
+            present = np.flatnonzero(count_ids(label_ids))
+            unknown = present[~self.valid_label_ids[present]]
             raise DataError(
                 f"{source}: label id(s) {unknown.tolist()} are not in the {self.name} label table"
             )
-        return np.take(self.label_to_train, label_ids)  # 2x faster than fancy indexing
+        return train_ids
+
+    @functools.cached_property
+    def _checked_lut(self) -> np.ndarray:
+        lut = self.label_to_train.copy()
+        lut[~self.valid_label_ids] = _UNKNOWN
+        return lut
 
     def to_label_ids(self, train_ids: np.ndarray) -> np.ndarray:
         """Map train ids back to raw ids (the Cityscapes test-server format)."""
