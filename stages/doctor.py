@@ -18,11 +18,14 @@ from pipeline.params import Params
 # DataLoader batches in flight per worker (pipeline.engine.train / pipeline.data.readers)
 TRAIN_PREFETCH, EVAL_PREFETCH = 4, 2
 # Frames/s one core feeds training with, by the training shards' image format: the loader end
-# to end (TrainStream, its xxh3 checks on, decode only: a GPU node augments on the GPU), one
-# DataLoader worker, 1024x2048 mosaics of real photos, one core of an AVX2-only EPYC
-# (benchmarks/data_path.py; benchmarks/results/2026-12-06-cpu-data-path.md). Other frame
-# sizes scale by pixels; a faster core feeds more, so this errs on the side of warning.
-LOADER_FPS_PER_CORE = {"png": 10.0, "npy": 60.0, "zstd": 45.0, "zstd-up": 40.0}
+# to end (TrainStream, its xxh3 checks on, decode only: a GPU node augments on the GPU, into
+# shared memory for the training process), one DataLoader worker, 1024x2048 mosaics of real
+# photos, one core of an AVX2-only EPYC (benchmarks/data_path.py; benchmarks/results/
+# 2026-12-06-cpu-data-path.md: 42.6 zstd, 19.7 png, 7.2 png shards of format 1, whose labels
+# are PNGs too). npy is not measured: taken as zstd's (its decode is a copy, but 2.4x the
+# bytes). Other frame sizes scale by pixels; a faster core feeds more, so this errs on the
+# side of warning.
+LOADER_FPS_PER_CORE = {"png": 19.7, "npy": 42.6, "zstd": 42.6, "png (format 1)": 7.2}
 LOADER_REF_PIXELS = 1024 * 2048
 # What one GPU trains on per second where gpu_check has not measured it on this node:
 # R-50 DeepLabV3+ OS16, 512x1024 crops, bf16, compiled, on one H100 (~200 img/s)
@@ -216,7 +219,10 @@ def diagnose(p: Params, gpus: int = 0) -> dict:
         try:
             from pipeline.data.shards import manifest_info
 
-            image_format = manifest_info(train_shards)["image_format"]
+            info = manifest_info(train_shards)
+            image_format = info["image_format"]
+            if info["format_version"] == "1" and image_format == "png":
+                image_format = "png (format 1)"
         except Exception:  # not written yet: what preprocess would write
             image_format = p.preprocess.image_format
         rate, rate_from = gpu_step_rate()
