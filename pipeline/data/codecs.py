@@ -14,15 +14,17 @@ needs nothing else to decode it, and old shards keep decoding:
     instance.png      instanceIds: the source's 16-bit PNG bytes (only evaluation reads them;
                       shards.py says why); `instance.npy.zst`, uint16, for other sources
 
-Why (benchmarks/data_path.py on 1024x2048 mosaics of real CamVid photos, on one AVX2 core:
-benchmarks/results/2026-12-06-cpu-data-path.md): the Up filter + zstd decodes 6.5x faster
-than Pillow's PNG and 3.7x faster than libspng's, at 1.04x PNG's bytes, and encodes 27x faster
-than PNG level 6. Raw zstd level 3 decodes as fast but takes 1.38x PNG's bytes (1.41x on some
-frames) and encodes 2x slower; levels 1-2 raw exceed 1.4x; lz4 decodes 2.6x faster still but
-takes 1.9x PNG's bytes; QOI decodes 1.4x slower at 1.2x. The filter makes a photo's rows small
-differences that zstd's entropy stage packs as well as PNG's deflate, and undoing it is one
-vectorised add per row (2 ms a frame). Labels compress 40x either way, and zstd decodes them
-7x faster than libspng: labels are zstd in every format.
+Why (benchmarks/data_path.py on 24 1024x2048 mosaics of real CamVid photos, one AVX2 core:
+benchmarks/results/2026-12-06-cpu-data-path.md): the Up filter + zstd level 1 decodes 6.5x
+faster than Pillow's PNG and 3.9x faster than libspng's, at 1.06x PNG's bytes, and encodes 27x
+faster than PNG level 6. Raw zstd level 3 decodes about as fast (0-8 % faster over three runs)
+but takes 1.31x PNG's bytes (1.41x on single frames: at the issue's 1.4x limit) and encodes
+2.3x slower, which preprocess cannot afford (its 2x over PNG); levels 1-2 raw take 1.5x and
+1.35-1.45x; lz4 decodes 2.5x faster but takes 1.8x PNG's bytes; QOI decodes 1.4x slower at
+1.15x. The filter turns a photo's rows into small differences that zstd's entropy stage packs
+about as well as PNG's deflate, and undoing it is one vectorised add per row (2 ms a frame).
+Labels compress ~40x either way, and zstd decodes them 7.6x faster than libspng: labels are
+zstd in every format.
 
 `zstd -d x.npy.zst` gives a plain .npy (`np.load`); for images, `np.cumsum(a, axis=0,
 dtype=np.uint8)` undoes the filter.
