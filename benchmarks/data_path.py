@@ -385,7 +385,8 @@ def main() -> None:
 
     def say(text: str = "") -> None:
         if text.startswith("\n## "):  # a shared machine: each section says how busy it was
-            text += f" (load average {os.getloadavg()[0]:.1f} at its start)"
+            load = f" (load average {os.getloadavg()[0]:.1f} at its start)"
+            text = text.rstrip("\n") + load + "\n"
         print(text, flush=True)
         lines.append(text)
 
