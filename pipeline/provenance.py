@@ -43,7 +43,7 @@ def data_hash(shard_dir, dvc_lock: Path | str = "dvc.lock") -> dict:
 
     try:
         pinned = pin(shard_dir)
-        sha, in_store = pinned.sha256, pinned.base if pinned.in_store else None
+        sha, in_store = pinned.sha256, store.display(pinned.base) if pinned.in_store else None
     except DataError:  # no manifest
         sha, in_store = None, None
     where = store.display(str(shard_dir))  # a bucket URL: never user info or a query

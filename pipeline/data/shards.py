@@ -570,6 +570,7 @@ class Pinned:
     folder: str  # the shard folder (or URL) as named: messages, provenance
     base: str  # where the shards are: the folder, or its pointer's store prefix
     manifest: bytes
+    in_store: bool = False  # a local folder that points to a store prefix (data.store)
 
     def __str__(self) -> str:
         return self.folder
@@ -583,10 +584,6 @@ class Pinned:
 
     def shard(self, name: str) -> str:
         return str(store.join(self.base, name))
-
-    @property
-    def in_store(self) -> bool:
-        return self.base != self.folder
 
 
 @functools.lru_cache(maxsize=16)
@@ -625,7 +622,7 @@ def pin(shard_dir: Path | str | Pinned) -> Pinned:
             f"{folder / MANIFEST}: not the manifest {pointer.name} names (sha256 "
             f"{_sha256_of(data)[:12]}..., not {sha[:12]}...): rerun `seg preprocess`"
         )
-    return Pinned(str(folder), url, data)
+    return Pinned(str(folder), url, data, in_store=True)
 
 
 def manifest_bytes(shard_dir: Path | str | Pinned) -> bytes:
