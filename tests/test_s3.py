@@ -157,7 +157,7 @@ def test_dvc_repro_with_data_store_tracks_pointers_and_never_rewrites_the_bucket
     assert "found there already, nothing uploaded" in said, said
     assert _puts(s3, bucket) == puts
     assert (proj / "data/shards/val" / POINTER).read_bytes() == pointer
-    assert json.loads(dvc(proj, "status", "--json").stdout) == {}
+    assert json.loads(dvc(proj, "status", "preprocess@val", "--json").stdout) == {}
     _one_version_each(s3, bucket)
 
 
