@@ -17,7 +17,7 @@ needs nothing else to decode it, and old shards keep decoding:
 Why (benchmarks/data_path.py on 24 1024x2048 mosaics of real CamVid photos, one AVX2 core:
 benchmarks/results/2026-12-06-cpu-data-path.md): the Up filter + zstd level 1 decodes 6.5x
 faster than Pillow's PNG and 3.9x faster than libspng's, at 1.06x PNG's bytes, and encodes 27x
-faster than PNG level 6. Raw zstd level 3 decodes about as fast (0-8 % faster over three runs)
+faster than PNG level 6. Raw zstd level 3 decodes about as fast (-2 % to +8 % over three runs)
 but takes 1.31x PNG's bytes (1.41x on single frames: at the issue's 1.4x limit) and encodes
 2.3x slower, which preprocess cannot afford (its 2x over PNG); levels 1-2 raw take 1.5x and
 1.35-1.45x; lz4 decodes 2.5x faster but takes 1.8x PNG's bytes; QOI decodes 1.4x slower at
