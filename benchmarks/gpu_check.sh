@@ -6,8 +6,13 @@
 #   bash benchmarks/gpu_check.sh --toy        # every section at toy size on CPU (< 2 minutes)
 #
 # Needs only what a GPU node has (torch, torchvision, numpy, pillow, pyarrow, typer, rich,
-# pyyaml): the code runs from the checkout (PYTHONPATH), no install. CamVid frames are read
-# from .gpu_data/camvid (copy ../shared/data/camvid there and carry it) or ../shared/data/camvid.
+# pyyaml) and the shard codecs' wheels: the code runs from the checkout (PYTHONPATH), no
+# install. A machine without zstandard / xxhash / pyspng and without a network installs them
+# from .gpu_data/wheels (fill it here, then carry it:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .gpu_data/wheels zstandard==0.25.0 xxhash pyspng
+# ). CamVid frames are read from .gpu_data/camvid (copy ../shared/data/camvid there and carry
+# it) or ../shared/data/camvid.
 #
 # What comes back: $OUT/gpu_check.md (the table), $OUT/gpu_check.tar.gz (every section's
 # output: JSON, logs) and $OUT/gpu_check.log (this script's output). Sections run in order of
@@ -60,6 +65,14 @@ MODEL=(-S train.model.arch=deeplabv3plus -S train.model.backbone=$BACKBONE -S tr
        -S "train.loss={ce: 1.0}" -S train.label_smoothing=0.0 -S train.ohem=false -S train.amp=auto)
 BENCH=("$PY" benchmarks/train_throughput.py --backbone $BACKBONE "${BENCH_DEV[@]}" --crop $CROP --batch $BATCH)
 
+if ! "$PY" -c "import zstandard, xxhash" 2>/dev/null; then  # the shard codecs (pyproject's core)
+  if [ -d .gpu_data/wheels ]; then
+    "$PY" -m pip install -q --no-index --find-links .gpu_data/wheels zstandard xxhash pyspng \
+      || echo "installing the codec wheels from .gpu_data/wheels failed" >> "$R/errors.txt"
+  else
+    echo "no zstandard/xxhash and no .gpu_data/wheels: preprocess and the readers will fail" >> "$R/errors.txt"
+  fi
+fi
 log "machine and /dev/shm"
 { nvidia-smi -L 2>/dev/null || echo "no GPU"
   "$PY" -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
@@ -81,6 +94,16 @@ PER_SHARD=$(( NTRAIN / WORKERS )); [ $PER_SHARD -lt 1 ] && PER_SHARD=1
     timeout $((60 * SLACK)) "${SEG[@]}" preprocess "$WORK/synth" $split "$WORK/shards/$split" --samples-per-shard $PER_SHARD --workers 0 --overwrite >/dev/null
   done
   if [ -d "$CAMVID" ]; then
+    # 1024x2048 mosaics of CamVid photos (benchmarks/data_path.py), as PNG shards (the
+    # source's bytes, today's) and zstd shards (the Cityscapes recipe's): the codec section
+    NMOSAIC=$NTRAIN; [ $TOY = 1 ] && NMOSAIC=4
+    MPER=$(( NMOSAIC / WORKERS )); [ $MPER -lt 1 ] && MPER=1
+    timeout $((120 * SLACK)) "$PY" benchmarks/data_path.py --make-root "$WORK/mosaic" --frames $NMOSAIC --camvid "$CAMVID" \
+      || echo "mosaic: data_path.py --make-root failed" >> "$R/errors.txt"
+    for fmt in png zstd; do
+      timeout $((90 * SLACK)) "${SEG[@]}" preprocess "$WORK/mosaic" train "$WORK/mosaic_shards/$fmt" --image-format $fmt \
+        --samples-per-shard $MPER --workers 0 --overwrite >/dev/null || echo "mosaic $fmt: preprocess failed" >> "$R/errors.txt"
+    done
     CVROOT=$CAMVID
     if [ $CV_N -gt 0 ]; then  # toy: a few frames of each split
       CVROOT=$WORK/camvid_toy; rm -rf "$CVROOT"
@@ -158,6 +181,12 @@ if section "loader: our step fed by $WORKERS decode workers, synthetic ${H}x${W}
   timeout $((60 * SLACK)) "${BENCH[@]}" --mode loader --steps $STEPS --warmup $WARM --shards "$WORK/shards/train" \
     --workers $WORKERS --json "$R/loader_synth.json" > "$R/loader_synth.txt" 2>&1
 fi
+for fmt in png zstd; do
+  if [ -d "$WORK/mosaic_shards/$fmt" ] && section "loader-fed step on 1024x2048 photo mosaics, $fmt shards, $WORKERS workers" 40; then
+    timeout $((60 * SLACK)) "${BENCH[@]}" --mode loader --steps $STEPS --warmup $WARM --shards "$WORK/mosaic_shards/$fmt" \
+      --workers $WORKERS --json "$R/loader_mosaic_$fmt.json" > "$R/loader_mosaic_$fmt.txt" 2>&1
+  fi
+done
 if [ -d "$WORK/camvid/train" ] && section "CamVid ${CVH}x${CVW}, batch $CV_BATCH: step fed by the loader vs resident (uncompiled)" 40; then
   timeout $((50 * SLACK)) "$PY" benchmarks/train_throughput.py --mode loader --backbone $BACKBONE "${BENCH_DEV[@]}" \
     --no-compile --num-classes 11 --crop $CV_CROP --batch $CV_BATCH --steps $STEPS --warmup $WARM \

@@ -101,6 +101,15 @@ def report(out: Path) -> str:
         alone = loader.get("loader alone", {}).get("images_per_s")
         add("step fed by the shard loader (synthetic shards)",
             f"{_f(fed)} img/s, {_f(over, '{:+.1f}')} % step time; loader alone {_f(alone)} img/s", "<= 5 %")  # fmt: skip
+    for fmt in ("png", "zstd"):
+        m = _rows(f"loader_mosaic_{fmt}", out)
+        if m:
+            fed = m.get("step, fed by the shard loader", {}).get("images_per_s")
+            over = m.get("overhead_pct", {}).get("value")
+            alone = m.get("loader alone", {}).get("images_per_s")
+            add(f"step fed by the loader, 1024x2048 photo mosaics, {fmt} shards",
+                f"{_f(fed)} img/s, {_f(over, '{:+.1f}')} % step time; loader alone {_f(alone)} img/s",
+                "zstd: <= 5 %" if fmt == "zstd" else "PNG, for comparison")  # fmt: skip
     rate = _train_rate(out, "train_synth")
     ref = ours["images_per_s"] if ours else None
     add("`seg train` sustained (synthetic shards, compiled)",

@@ -24,7 +24,7 @@ tries its algorithms with their workspaces: --cudnn-benchmark off shows what tha
 Loader mode times our step fed by pipeline.data.readers.TrainStream (DataLoader workers
 decode; scale, crop, flip and colour run batched on the device) against the same step on a
 batch already on the device, and the loader alone (decode + copy): if the loader's images/s
-is below the step's, training is input-bound and wants more --workers (or npy shards).
+is below the step's, training is input-bound and wants more --workers (or zstd shards).
 """
 
 from __future__ import annotations

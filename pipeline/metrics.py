@@ -283,10 +283,64 @@ class SegMetrics:
         # (B, C, C + 1): the confusion block and the void-prediction column of each image
         return torch.cat([images[:, :C, :C], images[:, :C, self.ignore_index, None]], dim=2)
 
+    @torch.no_grad()
+    def update_label_ids(
+        self,
+        pred_ids: torch.Tensor,
+        target_ids: torch.Tensor,
+        label_to_train: torch.Tensor,
+        valid_ids: torch.Tensor,
+        instances: torch.Tensor | None = None,
+    ) -> None:
+        """`update` for (H, W) uint8 raw label ids (official scoring reads labelId PNGs):
+        the joint histogram of the raw ids, then their train ids through `label_to_train`
+        ((256,) uint8, ignore_index for void) on the 256 x 256 table rather than on every
+        pixel, and the instances' predictions on their own pixels only. The same counts as
+        `update` of the mapped ids, in a third of the passes over the frame. Ids outside
+        `valid_ids` ((256,) bool) raise UnknownIds before anything is counted."""
+        C = self.num_classes
+        if pred_ids.dtype != torch.uint8 or target_ids.dtype != torch.uint8:
+            raise ValueError("update_label_ids takes uint8 label ids")
+        if pred_ids.shape != target_ids.shape or pred_ids.dim() != 2:
+            raise ValueError(f"expected two (H, W) arrays, got {tuple(pred_ids.shape)} and "
+                             f"{tuple(target_ids.shape)}")  # fmt: skip
+        lut = label_to_train.to(torch.int64)
+        # int32 both (a uint8 operand makes torch cast per element: 10x slower)
+        key = target_ids.reshape(-1).to(torch.int32) * 256 + pred_ids.reshape(-1).to(torch.int32)
+        joint = torch.bincount(key, minlength=256 * 256).reshape(256, 256)
+        for side, present in (("target", joint.sum(1) > 0), ("pred", joint.sum(0) > 0)):
+            unknown = torch.nonzero(present & ~valid_ids).flatten()
+            if unknown.numel():
+                raise UnknownIds(side, unknown.tolist())
+        table = torch.zeros(self._base, self._base, dtype=torch.int64)
+        table.index_put_((lut[:, None].expand(256, 256), lut[None, :].expand(256, 256)), joint,
+                         accumulate=True)  # fmt: skip
+        table = table.to(self.device)
+        if bool(table[self._not_an_id].any()) or bool(table[:, self._not_an_id].any()):
+            raise ValueError(f"label_to_train maps to values outside [0, {C}) and ignore_index")
+        self.confusion += table[:C, :C]
+        self.void_pred += table[:C, self.ignore_index]
+        self.counts[0] += 1
+        if instances is not None:
+            if instances.shape != pred_ids.shape:
+                raise ValueError(
+                    f"instances shape {tuple(instances.shape)} != pred shape {tuple(pred_ids.shape)}"
+                )
+            if self._instance_lut is None:
+                raise ConfigError("instances given but no instance classes were configured")
+            inst = _signed(instances).reshape(-1)
+            # only pixels of instances (ids > 1000) enter the instance table
+            at = torch.nonzero(inst > INSTANCE_ID_DIVISOR).squeeze(1)
+            p = label_to_train[pred_ids.reshape(-1).index_select(0, at).to(torch.int64)]
+            self._update_instances(p.to(self.device), inst.index_select(0, at).to(self.device))
+            self.counts[1] += 1
+
     def _update_instances(self, p: torch.Tensor, inst: torch.Tensor) -> None:
         """One image, flat: per ground-truth instance, its size and how many of its pixels were
         predicted as its class / its category, then the iIoU weight avg_size / size."""
         C, lut = self.num_classes, self._instance_lut
+        if inst.numel() == 0:
+            return
         low, top = (int(v) for v in torch.aminmax(inst))
         if low < 0:
             raise ValueError(f"instances hold a negative id ({low})")
@@ -396,6 +450,14 @@ class SegMetrics:
 
     def _per_class(self, values: torch.Tensor) -> dict[str, float | None]:
         return {n: _none_if_nan(float(v)) for n, v in zip(self.class_names, values, strict=True)}
+
+
+class UnknownIds(ValueError):
+    """Label ids the dataset's table does not know, in `side` ("pred" or "target")."""
+
+    def __init__(self, side: str, ids: list[int]) -> None:
+        super().__init__(f"{side} holds label id(s) {ids} not in the label table")
+        self.side, self.ids = side, ids
 
 
 def _signed(x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,10 @@ class DataParams:
     root: str = "data/synthetic"  # dataset root: synth.out (the demo) or e.g. /data/cityscapes
     train_split: str = "train"
     val_split: str = "val"
-    shards: str = "data/shards"  # shards go to {shards}/{split}
+    shards: str = "data/shards"  # shards go to {shards}/{split} (a local folder: what DVC tracks)
+    # an object store for the shard bytes (s3://bucket/prefix): they go to {store}/{split}/
+    # {content id}/, written once, and {shards}/{split} holds a pointer to them. None: local
+    store: str | None = None
     outputs: str = "outputs"  # checkpoints in {outputs}/train, metrics in {outputs}/eval
     folds: int = 0  # grouped k-fold over train_split: 0 = off, K >= 2 (outputs in {outputs}/kfold)
     fold_ids: list[int] = field(default_factory=list)  # [0, ..., K-1]: dvc.yaml's foreach list
@@ -208,6 +211,20 @@ def _choice(where: str, value, valid) -> None:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, valid))}")
 
 
+def _check_store(d: DataParams) -> None:
+    from pipeline import store
+
+    if d.store is not None and not store.is_url(d.store):
+        raise ConfigError(
+            f"data.store: expected an object-store URL (s3://bucket/prefix) or null, got {d.store!r}"
+        )
+    if d.store is not None and store.is_url(d.shards):
+        raise ConfigError(
+            f"data.shards: with data.store it is the local folder DVC tracks (the pointers to "
+            f"the shards in {store.display(d.store)}), not a URL: {store.display(d.shards)}"
+        )
+
+
 def _positive(where: str, value, strict: bool = True) -> None:
     if value < 0 or (strict and value == 0):
         raise ConfigError(f"{where}: must be {'> 0' if strict else '>= 0'}, got {value}")
@@ -215,6 +232,7 @@ def _positive(where: str, value, strict: bool = True) -> None:
 
 def _check(p: Params) -> None:
     _choice("data.dataset", p.data.dataset, DATASETS)
+    _check_store(p.data)
     _check_folds(p.data)
     for name in ("train", "val", "height", "width"):
         _positive(f"synth.{name}", getattr(p.synth, name), strict=name in ("height", "width"))

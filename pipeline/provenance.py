@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import platform
 import subprocess
 from pathlib import Path
@@ -30,20 +29,25 @@ def git_state(cwd: Path | str = ".") -> dict:
     return {"revision": rev, "dirty": bool(status) if status is not None else None}
 
 
-def data_hash(shard_dir: Path | str, dvc_lock: Path | str = "dvc.lock") -> dict:
+def data_hash(shard_dir, dvc_lock: Path | str = "dvc.lock") -> dict:
     """The shards' hash: the md5 DVC recorded for the folder in dvc.lock where there is one,
     and always the sha256 of the split's manifest. The manifest already holds the sha256 of
     every member of every shard (and the shards are a function of their members), so hashing
-    it identifies the data without reading gigabytes of tars again at each evaluation."""
+    it identifies the data without reading gigabytes of tars again at each evaluation.
+
+    `shard_dir`: a folder, URL, or the Pinned split the evaluation read (pipeline.data.shards:
+    then the hash is of the manifest it scored, read once). A folder that points to a store
+    (data.store) adds `store`: the prefix that holds the shards."""
     from pipeline import store
-    from pipeline.data.shards import manifest_bytes
+    from pipeline.data.shards import pin
 
     try:
-        sha = hashlib.sha256(manifest_bytes(shard_dir)).hexdigest()
+        pinned = pin(shard_dir)
+        sha, in_store = pinned.sha256, store.display(pinned.base) if pinned.in_store else None
     except DataError:  # no manifest
-        sha = None
-    where = store.display(shard_dir)  # a bucket URL: never user info or a query
-    out = {"path": where, "sha256": sha, "dvc_md5": None}
+        sha, in_store = None, None
+    where = store.display(str(shard_dir))  # a bucket URL: never user info or a query
+    out = {"path": where, "sha256": sha, "dvc_md5": None, "store": in_store}
     lock = Path(dvc_lock)
     if lock.is_file():
         import yaml
@@ -51,7 +55,7 @@ def data_hash(shard_dir: Path | str, dvc_lock: Path | str = "dvc.lock") -> dict:
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         for stage in stages.values():
             for o in stage.get("outs", []) or []:
-                if _same_place(o.get("path", ""), shard_dir):
+                if _same_place(o.get("path", ""), str(shard_dir)):
                     out["dvc_md5"] = o.get("md5") or o.get("etag")
     return out
 

@@ -156,27 +156,63 @@ def open_read(url: str):
     """A seekable binary file object (object stores: ranged reads, read ahead)."""
     fs, path = filesystem(url)
     with errors(url, "read"):
+        fs.invalidate_cache(path)  # the object as it is now, not as a listing saw it earlier
         return fs.open(path, "rb")
 
 
-def list_names(url: str) -> list[str]:
-    """Names of the objects under a URL prefix (recursively, relative to it); raises the
-    one-line error when the bucket is missing or the credentials are wrong."""
+def list_sizes(url: str) -> dict[str, int]:
+    """{name: bytes} of the objects under a URL prefix (recursively, names relative to it);
+    raises the one-line error when the bucket is missing or the credentials are wrong."""
     fs, path = filesystem(url)
     with errors(url, "list"):
         fs.invalidate_cache(path)
-        return sorted(posixpath.relpath(p, path) for p in fs.find(path))
+        found = fs.find(path, detail=True)
+        return {posixpath.relpath(p, path): int(info.get("size") or 0) for p, info in found.items()}
 
 
-def put_file(local_path: Path, url: str) -> None:
+def list_names(url: str) -> list[str]:
+    """Names of the objects under a URL prefix (recursively, relative to it)."""
+    return sorted(list_sizes(url))
+
+
+def put_once(local_path: Path, url: str) -> bool:
+    """Upload a file where no object is (S3's conditional PUT, `If-None-Match: *`: no key ever
+    gets a second version). An object already there must hold the same bytes (a cut-short
+    upload of the same content, or another host writing it at the same moment): then nothing
+    is written and False is returned; other bytes stop with a DataError naming the object.
+    Returns True when this call created the object."""
     fs, path = filesystem(url)
     with errors(url, "write"):
-        fs.put_file(str(local_path), path)
+        try:
+            protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+            if "s3" in protocols:
+                fs.put_file(str(local_path), path, mode="create")
+            else:  # no conditional write in the protocol: look first (not atomic)
+                if fs.exists(path):
+                    raise FileExistsError(path)
+                fs.put_file(str(local_path), path)
+            return True
+        except FileExistsError:
+            pass
+        fs.invalidate_cache(path)
+        if _same_bytes(fs, path, Path(local_path)):
+            return False
+    raise DataError(
+        f"{display(url)}: exists with other bytes, and nothing in the store is rewritten "
+        "(an upload of other data was cut short here?): remove it by hand, or use another prefix"
+    )
 
 
-def remove(urls: list[str]) -> None:
-    if not urls:
-        return
-    fs, _ = filesystem(urls[0])
-    with errors(urls[0], "delete"):
-        fs.rm([filesystem(u)[1] for u in urls])
+def _same_bytes(fs, path: str, local_path: Path) -> bool:
+    import hashlib
+
+    if fs.size(path) != local_path.stat().st_size:
+        return False
+    theirs, ours = hashlib.sha256(), hashlib.sha256()
+    with fs.open(path, "rb", block_size=8 * 2**20) as f:
+        while chunk := f.read(8 * 2**20):
+            theirs.update(chunk)
+    with open(local_path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            ours.update(chunk)
+    return theirs.digest() == ours.digest()

@@ -8,6 +8,7 @@ shards and outputs go, and a warning for each known trap.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,21 @@ from pipeline.params import Params
 
 # DataLoader batches in flight per worker (pipeline.engine.train / pipeline.data.readers)
 TRAIN_PREFETCH, EVAL_PREFETCH = 4, 2
+# Frames/s one core feeds training with, by the training shards' image format: the loader end
+# to end (TrainStream, its xxh3 checks on, decode only: a GPU node augments on the GPU, into
+# shared memory for the training process), one DataLoader worker, 1024x2048 mosaics of real
+# photos, one core of an AVX2-only EPYC (benchmarks/data_path.py; benchmarks/results/
+# 2026-12-06-cpu-data-path.md: 42.6 zstd, 19.7 png, 7.2 png shards of format 1, whose labels
+# are PNGs too). npy is not measured: taken as zstd's (its decode is a copy, but 2.4x the
+# bytes). Other frame sizes scale by pixels; a faster core feeds more, so this errs on the
+# side of warning.
+LOADER_FPS_PER_CORE = {"png": 19.7, "npy": 42.6, "zstd": 42.6, "png (format 1)": 7.2}
+LOADER_REF_PIXELS = 1024 * 2048
+# What one GPU trains on per second where gpu_check has not measured it on this node:
+# R-50 DeepLabV3+ OS16, 512x1024 crops, bf16, compiled, on one H100 (~200 img/s)
+GPU_IMAGES_PER_S = 200.0
+# gpu_check.sh's step figure on this node (its WORK folder), when it has run here
+GPU_STEP_JSON = Path(os.environ.get("WORK", "/tmp/gpu_check_work")) / "report" / "step.json"
 
 
 def _free_bytes(path: Path | str) -> int | None:
@@ -43,6 +59,58 @@ def _frame_size(shards: Path) -> tuple[int, int] | None:
     except Exception:  # no shards yet, or not readable: the size is simply unknown
         return None
     return (max(r["height"] for r in rows), max(r["width"] for r in rows)) if rows else None
+
+
+def gpu_step_rate(path: Path = GPU_STEP_JSON) -> tuple[float, str]:
+    """(images/s one GPU trains on, where the figure comes from): gpu_check's step figure
+    (our configuration's row) where it has run on this node, else GPU_IMAGES_PER_S."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+        ours = [r["images_per_s"] for r in rows if not str(r["name"]).startswith("plain")]
+        if ours:
+            return float(max(ours)), f"gpu_check's step, {path}"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return GPU_IMAGES_PER_S, "R-50 V3+ at 512x1024 on an H100, not measured here"
+
+
+def loader_pace(
+    cores: int, processes: int, workers: int, image_format: str, frame: tuple[int, int],
+    gpu_images_per_s: float, rate_from: str = "",
+) -> dict:  # fmt: skip
+    """Will the loader set the pace? The loader workers that get a core of their own (train.
+    workers per process, at most the cores the training processes leave) x frames/s per core
+    (LOADER_FPS_PER_CORE at this frame size), against what `processes` GPUs consume. The
+    dict's `warning` says so in a line, or is None."""
+    per_core = LOADER_FPS_PER_CORE.get(image_format, LOADER_FPS_PER_CORE["png"])
+    per_core *= LOADER_REF_PIXELS / max(frame[0] * frame[1], 1)
+    loader_cores = max(min(workers * processes, cores - processes), 1 if workers else 0)
+    supply = loader_cores * per_core if workers else per_core / 2  # 0 workers: in the step
+    demand = processes * gpu_images_per_s
+    warning = None
+    if supply < demand:
+        faster = (
+            ""
+            if image_format != "png"
+            else "preprocess.image_format: zstd (decodes ~5x faster than png), "
+        )
+        warning = (
+            f"the loader will set the pace: {loader_cores} loader core(s) x ~{per_core:.0f} "
+            f"frames/s per core ({image_format} shards at {frame[0]}x{frame[1]}) = "
+            f"~{supply:.0f} frames/s, but {processes} GPU(s) train on ~{demand:.0f} img/s"
+            f"{f' ({rate_from})' if rate_from else ''}; use {faster}more train.workers, or a "
+            "node with more cores per GPU"
+        )  # fmt: skip
+    return {
+        "image_format": image_format,
+        "frame": list(frame),
+        "frames_per_s_per_core": round(per_core, 1),
+        "loader_cores": loader_cores,
+        "supply_frames_per_s": round(supply, 1),
+        "demand_images_per_s": round(demand, 1),
+        "gpu_rate_from": rate_from,
+        "warning": warning,
+    }
 
 
 def _gib(n: int | None) -> float | None:
@@ -145,6 +213,24 @@ def diagnose(p: Params, gpus: int = 0) -> dict:
             "train.workers): consumers take turns within shards; more shards "
             "(preprocess.samples_per_shard) let each read its own"
         )
+    # on a GPU node: can the cores decode what the GPUs consume?
+    pace = None
+    if gpu_list:
+        try:
+            from pipeline.data.shards import manifest_info
+
+            info = manifest_info(train_shards)
+            image_format = info["image_format"]
+            if info["format_version"] == "1" and image_format == "png":
+                image_format = "png (format 1)"
+        except Exception:  # not written yet: what preprocess would write
+            image_format = p.preprocess.image_format
+        rate, rate_from = gpu_step_rate()
+        frame = _frame_size(train_shards) or (1024, 2048)
+        pace = loader_pace(os.cpu_count() or 1, world, p.train.workers, image_format, frame,
+                           rate, rate_from)  # fmt: skip
+        if pace["warning"]:
+            warnings.append(pace["warning"])
     if p.train.workers + 1 > (os.cpu_count() or 1) and p.train.workers:
         warnings.append(
             f"train.workers {p.train.workers}: with the training process that is more busy "
@@ -179,5 +265,6 @@ def diagnose(p: Params, gpus: int = 0) -> dict:
             "consumers": consumers,
         },
         "free_disk_gib": disk,
+        "loader_pace": pace,
         "warnings": warnings,
     }

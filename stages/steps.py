@@ -57,7 +57,8 @@ def load(params_file: Path | str = "params.yaml", overrides: list[str] | None = 
 
 
 def shard_dir(p: Params, split: str) -> Path | str:
-    """{data.shards}/{split}: a folder, or a URL in an object store (s3://bucket/prefix/train)."""
+    """{data.shards}/{split}: a folder (holding the shards, or with data.store a pointer to
+    them), or a URL in an object store given directly (s3://bucket/prefix/train)."""
     from pipeline import store
 
     return store.join(p.data.shards, split)
@@ -126,9 +127,11 @@ def preprocess(
     skip_bad: bool = False,
     overwrite: bool = False,
     progress=None,
+    store: str | None = None,
 ):
     """`seg preprocess` (and so the preprocess stages): one split into shards + manifest.
-    Returns the ShardSummary. workers 0: all cores."""
+    With `store` (data.store), the shards go to a prefix there named after their content and
+    `out` gets the pointer to it. Returns the ShardSummary. workers 0: all cores."""
     from pipeline.data.shards import write_shards
 
     if not Path(root).is_dir():
@@ -136,7 +139,7 @@ def preprocess(
     return write_shards(
         root, split, out, dataset=dataset, samples_per_shard=samples_per_shard,
         image_format=image_format, workers=_workers(workers), skip_bad=skip_bad,
-        overwrite=overwrite, progress=progress,
+        overwrite=overwrite, progress=progress, store_url=store or None,
     )  # fmt: skip
 
 
@@ -226,12 +229,14 @@ def train(
     the run starts (resumed from which checkpoint at which step, or a new run and why; a
     damaged checkpoint set aside): `seg train` prints them on stdout."""
     from pipeline.data.labels import get_spec
-    from pipeline.data.shards import class_pixel_counts
+    from pipeline.data.shards import class_pixel_counts, pin
     from pipeline.engine.distributed import rank_world
     from pipeline.engine.train import Callbacks, train
 
     out = train_dir(p)
-    train_src, val_src = shard_dir(p, p.data.train_split), shard_dir(p, p.data.val_split)
+    # pinned: each manifest read once; everything the run reads is checked against these
+    train_src = pin(shard_dir(p, p.data.train_split))
+    val_src = pin(shard_dir(p, p.data.val_split))
     _check_dataset(train_src, p.data.dataset)
     resume = Resume(resume)
     if fold is None:
@@ -318,9 +323,12 @@ def evaluate(
     frames, fold_info = None, None
     if fold is not None:
         checkpoint, shards, frames, out, fold_info = _fold_evaluation(p, fold, checkpoint, out)
+    from pipeline.data.readers import Subset
+    from pipeline.data.shards import pin
+
     checkpoint = Path(checkpoint or train_dir(p) / "best.pt")
-    shards = shards or shard_dir(p, p.data.val_split)
-    frames = frames or shards
+    shards = pin(shards or shard_dir(p, p.data.val_split))  # scored and stamped: one manifest
+    frames = Subset(shards, frames.keys) if isinstance(frames, Subset) else shards
     out = Path(out or eval_dir(p))
     rank, world = rank_world()
     device = local_device(e.device)
@@ -449,8 +457,9 @@ def _fold_parts(p: Params, fold: int):
     """(train Subset, val Subset, folds document) of a fold, checked against params and shards."""
     from pipeline.data.folds import fold_keys, load_folds
     from pipeline.data.readers import Subset
+    from pipeline.data.shards import pin
 
-    shards = shard_dir(p, p.data.train_split)
+    shards = pin(shard_dir(p, p.data.train_split))
     doc = load_folds(folds_file(p), shards)
     if doc["k"] != p.data.folds:
         raise DataError(

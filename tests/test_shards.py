@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 from pipeline.data.labels import get_spec
 from pipeline.data.pngio import read_png
 from pipeline.data.readers import EvalReader, TrainStream, eval_loader, skip_for_resume
-from pipeline.data.shards import class_pixel_counts, read_manifest, write_shards
+from pipeline.data.shards import class_pixel_counts, manifest_info, read_manifest, write_shards
 from pipeline.errors import DataError
 from stages.cli import app
 
@@ -39,9 +41,11 @@ def test_real_cityscapes_frame_converts_by_official_table(tmp_path):
     assert 0.995 < (expected == rendered).mean() < 1.0
 
 
-def test_shards_are_byte_identical_and_manifest_is_complete(tiny_root, tmp_path):
-    a = write_shards(tiny_root, "train", tmp_path / "a", samples_per_shard=4, workers=1)
-    write_shards(tiny_root, "train", tmp_path / "b", samples_per_shard=4, workers=2)
+@pytest.mark.parametrize("image_format", ["png", "zstd", "npy"])
+def test_shards_are_byte_identical_and_manifest_is_complete(tiny_root, tmp_path, image_format):
+    kw = {"samples_per_shard": 4, "image_format": image_format}
+    a = write_shards(tiny_root, "train", tmp_path / "a", workers=1, **kw)
+    write_shards(tiny_root, "train", tmp_path / "b", workers=2, **kw)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == ["manifest.parquet", "shard-000000.tar", "shard-000001.tar"]
     for name in files:
@@ -50,16 +54,27 @@ def test_shards_are_byte_identical_and_manifest_is_complete(tiny_root, tmp_path)
     with tarfile.open(tmp_path / "a" / "shard-000000.tar") as tar:
         names = tar.getnames()
         assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in tar.getmembers())
+    image = {"png": "image.png", "zstd": "image.up.npy.zst", "npy": "image.npy"}[image_format]
     assert names[:4] == [
-        "alpha_000000_000019.image.png",
-        "alpha_000000_000019.instance.png",
+        f"alpha_000000_000019.{image}",
+        "alpha_000000_000019.instance.png",  # the source's 16-bit PNG, as it is
         "alpha_000000_000019.json",
-        "alpha_000000_000019.label.png",
+        "alpha_000000_000019.label.npy.zst",
     ]
     table = read_manifest(tmp_path / "a")
     assert table.column("key").to_pylist() == sorted(table.column("key").to_pylist())
     row = table.to_pylist()[0]
     assert row["height"] == 32 and row["width"] == 64 and len(row["image_sha256"]) == 64
+    assert len(row["image_xxh3"]) == len(row["label_xxh3"]) == 16
+    info = manifest_info(tmp_path / "a")  # the codec is named in the manifest
+    assert info["image_format"] == image_format and info["format_version"] == "2"
+    assert info["codec"].startswith("images: Up filter + zstd-1, labels: zstd-3 (zstandard 0.25.0")
+    # every pixel as the source has it, whatever the codec
+    for sample in EvalReader(tmp_path / "a"):
+        key = sample["key"]
+        city = key.split("_")[0]
+        src = tiny_root / "leftImg8bit/train" / city / f"{key}_leftImg8bit.png"
+        assert torch.equal(sample["image"].permute(1, 2, 0), torch.from_numpy(read_png(src)))
     # class counts come from the labels: every pixel is counted once, as a class or as ignore
     counts = class_pixel_counts(tmp_path / "a")
     assert counts.sum() + sum(table.column("ignore_pixels").to_pylist()) == 6 * 32 * 64
@@ -201,14 +216,73 @@ def test_damaged_val_shard_names_the_shard_and_the_key(tiny_root, tmp_path, how)
     out = tmp_path / "val"
     write_shards(tiny_root, "val", out, samples_per_shard=2)
     key = "gamma_000101_000019"  # the second sample of shard 0
-    _damage(out / "shard-000000.tar", key, "label.png", how)
+    _damage(out / "shard-000000.tar", key, "label.npy.zst", how)
     for workers in (0, 2):  # checked in the decode workers too
         with pytest.raises(DataError) as err:
             for _ in eval_loader(out, batch_size=2, workers=workers):
                 pass
-        assert "shard-000000.tar" in str(err.value) and key in str(err.value)
+        line = str(err.value).strip().splitlines()[-1]  # a worker's: after its traceback
+        assert "shard-000000.tar" in line and key in line
+        if how == "data":  # the member itself is named
+            assert f"shard-000000.tar: {key}.label.npy.zst: does not match its sha256" in line
     # an intact split reads whole, each sample once, in one or two workers alike
     write_shards(tiny_root, "val", out, samples_per_shard=2, overwrite=True)
     for workers in (0, 2):
         keys = [k for batches in eval_loader(out, 2, workers) for b in batches for k in b["key"]]
         assert sorted(keys) == sorted(s["key"] for s in EvalReader(out))
+
+
+# ----------------------------------------------------------------------------- old shards
+
+# written by the writer before the codecs (format 1: image/label/instance PNG members, no xxh3
+# columns, no format_version), from conftest.write_frame's gamma 100-102 frames
+FORMAT1 = Path(__file__).parent / "data" / "format1-val"
+
+
+def test_shards_of_the_first_format_read_and_are_checked(tmp_path):
+    info = manifest_info(FORMAT1)
+    assert info["format_version"] == "1" and "codec" not in info
+    old = list(EvalReader(FORMAT1))  # sha256-checked, as ever
+    root = tmp_path / "cs"
+    for i in range(3):
+        write_frame(root, "val", "gamma", 100 + i)
+    write_shards(root, "val", tmp_path / "new", samples_per_shard=2, image_format="zstd")
+    new = list(EvalReader(tmp_path / "new"))
+    assert [s["key"] for s in old] == [s["key"] for s in new]
+    for a, b in zip(old, new, strict=True):
+        for name in ("image", "label", "instance"):
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    # training checks the old members by sha256 (they have no xxh3), and names a damaged one
+    stream = TrainStream(FORMAT1, shuffle_buffer=1)
+    assert stream.algo == "sha256"
+    assert {next(iter(stream))["key"]} <= {s["key"] for s in old}
+    copy = tmp_path / "damaged"
+    shutil.copytree(FORMAT1, copy)
+    _damage(copy / "shard-000000.tar", "gamma_000100_000019", "label.png", "data")
+    with pytest.raises(DataError, match="shard-000000.tar: gamma_000100_000019.label.png: does "):
+        list(zip(range(6), TrainStream(copy, shuffle_buffer=1), strict=False))
+
+
+def test_a_reader_mid_epoch_never_mixes_in_a_split_written_over_it(tiny_root, tmp_path):
+    """`seg preprocess --overwrite` of a local split while training reads it: every sample
+    the stream yields is one of the manifest it pinned, and the first shard of the new data it
+    opens stops it with one line naming the shard and the member."""
+    out = tmp_path / "train"
+    write_shards(tiny_root, "train", out, samples_per_shard=1, image_format="zstd")
+    old = {s["key"]: s["image"] for s in EvalReader(out)}
+    loader = torch.utils.data.DataLoader(
+        TrainStream(out, seed=1, shuffle_buffer=1), batch_size=None, num_workers=1,
+        prefetch_factor=1,
+    )  # fmt: skip
+    stream = iter(loader)
+    seen = [next(stream) for _ in range(2)]
+    for i in range(6):  # every frame changes
+        write_frame(tiny_root, "train", "alpha" if i < 3 else "beta", i, seed=9)
+    write_shards(tiny_root, "train", out, samples_per_shard=1, image_format="zstd", overwrite=True)
+    with pytest.raises(DataError) as err:
+        for _ in range(12):
+            seen.append(next(stream))
+    line = str(err.value).strip().splitlines()[-1]
+    assert re.search(r"train/shard-00000\d\.tar: \w+_0000\d\d_000019\.image\.up\.npy\.zst: does not "
+                     r"match its xxh3 in the manifest this reader pinned", line), line  # fmt: skip
+    assert seen and all(torch.equal(s["image"], old[s["key"]]) for s in seen)

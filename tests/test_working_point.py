@@ -163,6 +163,31 @@ def test_doctor_warns_of_few_shards_and_small_shm(tmp_path, monkeypatch):
     assert any("/dev/shm" in w and "bus error" in w for w in report["warnings"])
 
 
+def test_doctor_warns_when_the_loader_will_set_the_pace(tmp_path):
+    """On a GPU node: the cores left for loader workers x what one decodes per second (the
+    measured per-core figure of the shards' codec), against what the GPUs train on."""
+    from stages.doctor import LOADER_FPS_PER_CORE, gpu_step_rate, loader_pace
+
+    assert LOADER_FPS_PER_CORE["zstd"] > 2 * LOADER_FPS_PER_CORE["png"]
+    # one GPU at 200 img/s, 16 cores, 8 workers: PNG shards cannot feed it, zstd can
+    png = loader_pace(16, 1, 8, "png", (1024, 2048), 200.0, "test")
+    assert png["loader_cores"] == 8 and png["supply_frames_per_s"] < 200
+    assert png["warning"].startswith("the loader will set the pace: 8 loader core(s) x ")
+    assert "(png shards at 1024x2048)" in png["warning"] and "image_format: zstd" in png["warning"]
+    assert loader_pace(16, 1, 8, "zstd", (1024, 2048), 200.0)["warning"] is None
+    # 8 GPUs on 16 cores: 8 cores left for the loaders, whatever train.workers says
+    assert loader_pace(16, 8, 12, "zstd", (1024, 2048), 200.0)["loader_cores"] == 8
+    # smaller frames decode faster in proportion
+    small = loader_pace(16, 1, 8, "png", (512, 1024), 200.0)
+    assert small["frames_per_s_per_core"] == 4 * png["frames_per_s_per_core"]
+    # gpu_check's figure where it ran on this node, else the H100 figure
+    step = tmp_path / "step.json"
+    step.write_text(json.dumps({"rows": [{"name": "plain fp32 eager", "images_per_s": 50.0},
+                                         {"name": "ours (bf16)", "images_per_s": 321.0}]}))  # fmt: skip
+    assert gpu_step_rate(step)[0] == 321.0
+    assert gpu_step_rate(tmp_path / "none.json")[0] == 200.0
+
+
 # ----------------------------------------------------------------------------- OHEM threshold
 
 

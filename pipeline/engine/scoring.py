@@ -22,7 +22,7 @@ import torch
 from pipeline.data.labels import DatasetSpec, get_spec
 from pipeline.data.pngio import read_png
 from pipeline.errors import DataError
-from pipeline.metrics import SegMetrics
+from pipeline.metrics import SegMetrics, UnknownIds
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,18 @@ def score_prediction_folder(
         )
 
     metrics = SegMetrics.from_spec(spec)
+    lut = torch.from_numpy(spec.label_to_train)
+    valid = torch.from_numpy(spec.valid_label_ids)
     with _one_torch_thread():
-        for done, (pred, target, instances) in enumerate(
-            _read_pairs(pairs, spec, use_instances, num_workers), 1
+        for done, (pair, pred, target, instances) in enumerate(
+            _read_pairs(pairs, use_instances, num_workers), 1
         ):
-            metrics.update(pred, target, instances)
+            try:
+                metrics.update_label_ids(pred, target, lut, valid, instances)
+            except UnknownIds as exc:  # the spec's own one-line error, naming the file
+                bad = pair.pred if exc.side == "pred" else pair.gt
+                spec.to_train_ids((pred if exc.side == "pred" else target).numpy(), str(bad))
+                raise
             if progress is not None:
                 progress(done, len(pairs))
     return metrics.compute()
@@ -126,8 +133,21 @@ def load_pair(
     pair: ScoringPair, spec: DatasetSpec, use_instances: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pred train ids, gt train ids, instanceIds or None) as (H, W) tensors, checked."""
-    gt_ids = read_png(pair.gt)
-    pred_ids = read_png(pair.pred)
+    pred, gt, instances = load_label_ids(pair, use_instances)
+    return (
+        torch.from_numpy(spec.to_train_ids(pred.numpy(), str(pair.pred))),
+        torch.from_numpy(spec.to_train_ids(gt.numpy(), str(pair.gt))),
+        instances,
+    )
+
+
+def load_label_ids(
+    pair: ScoringPair, use_instances: bool = True, threads: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(pred label ids, gt label ids, instanceIds or None) as (H, W) tensors, their shapes
+    checked. `threads`: called on reader threads (see pngio.decode_png_bytes)."""
+    gt_ids = read_png(pair.gt, threads=threads)
+    pred_ids = read_png(pair.pred, threads=threads)
     if pred_ids.ndim != 2:
         raise DataError(
             f"{pair.pred}: has {pred_ids.shape[2]} channels; expected a single-channel labelId PNG "
@@ -141,52 +161,50 @@ def load_pair(
         raise DataError(
             f"{pair.pred}: size {_wxh(pred_ids)} differs from its ground truth {pair.gt} ({_wxh(gt_ids)})"
         )
-    pred = _to_train_ids(spec, pred_ids, str(pair.pred))
-    target = _to_train_ids(spec, gt_ids, str(pair.gt))
-
+    pred_ids, gt_ids = _uint8(pred_ids, pair.pred), _uint8(gt_ids, pair.gt)
     instances = None
     if use_instances and pair.instance is not None:
-        inst = read_png(pair.instance)
+        inst = read_png(pair.instance, threads=threads)
         if inst.shape != gt_ids.shape:
             raise DataError(
                 f"{pair.instance}: size {_wxh(inst)} differs from {pair.gt} ({_wxh(gt_ids)})"
             )
         instances = torch.from_numpy(inst.astype(np.int32))  # 16-bit PNG: id * 1000 + n
-    return torch.from_numpy(pred), torch.from_numpy(target), instances
+    return torch.from_numpy(pred_ids), torch.from_numpy(gt_ids), instances
 
 
-def _to_train_ids(spec: DatasetSpec, ids: np.ndarray, source: str) -> np.ndarray:
-    """`spec.to_train_ids`, about twice as fast on the usual uint8 labelIds: torch's uint8
-    bincount checks the ids and np.take maps them (together ~2 ms instead of ~5 ms a frame
-    at 1024x2048). Anything else, or an unknown id, takes the spec's path and its error."""
-    if ids.dtype == np.uint8 and ids.flags.c_contiguous:
-        counts = torch.bincount(torch.from_numpy(ids).reshape(-1), minlength=256).numpy()
-        if not counts[~spec.valid_label_ids].any():
-            return np.take(spec.label_to_train, ids)
-    return spec.to_train_ids(ids, source=source)
+def _uint8(ids: np.ndarray, path: Path) -> np.ndarray:
+    """Label ids as uint8 (a 16-bit labelId PNG with ids below 256 is fine)."""
+    if ids.dtype == np.uint8:
+        return ids
+    if ids.min(initial=0) < 0 or ids.max(initial=0) > 255:
+        raise DataError(f"{path}: label ids outside 0..255")
+    return ids.astype(np.uint8)
 
 
 def _read_pairs(
-    pairs: list[ScoringPair], spec: DatasetSpec, use_instances: bool, num_workers: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """load_pair over `pairs` in order; with workers, a few ahead (bounded: memory stays flat)."""
+    pairs: list[ScoringPair], use_instances: bool, num_workers: int
+) -> Iterator[tuple[ScoringPair, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(pair, *load_label_ids) over `pairs` in order; with workers, a few ahead (bounded:
+    memory stays flat)."""
     if num_workers <= 0:
         for pair in pairs:
-            yield load_pair(pair, spec, use_instances)
+            yield pair, *load_label_ids(pair, use_instances)
         return
     with ThreadPoolExecutor(num_workers) as pool:
-        queue: list[Future] = []
+        queue: list[tuple[ScoringPair, Future]] = []
         ahead = iter(pairs)
         for pair in ahead:
-            queue.append(pool.submit(load_pair, pair, spec, use_instances))
+            queue.append((pair, pool.submit(load_label_ids, pair, use_instances, True)))
             if len(queue) >= 2 * num_workers:
                 break
         while queue:
-            result = queue.pop(0).result()  # re-raises the DataError of that pair
+            pair, future = queue.pop(0)
+            result = future.result()  # re-raises the DataError of that pair
             nxt = next(ahead, None)
             if nxt is not None:
-                queue.append(pool.submit(load_pair, nxt, spec, use_instances))
-            yield result
+                queue.append((nxt, pool.submit(load_label_ids, nxt, use_instances, True)))
+            yield pair, *result
 
 
 @contextmanager
