@@ -203,6 +203,15 @@ def put_once(local_path: Path, url: str) -> bool:
     )
 
 
+def remove(urls: list[str]) -> None:
+    """Delete objects (a run's superseded checkpoint copies)."""
+    if not urls:
+        return
+    fs, _ = filesystem(urls[0])
+    with errors(urls[0], "delete"):
+        fs.rm([filesystem(u)[1] for u in urls])
+
+
 def _same_bytes(fs, path: str, local_path: Path) -> bool:
     import hashlib
 

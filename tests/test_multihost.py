@@ -34,6 +34,7 @@ from helpers import eventually as _eventually
 from helpers import no_secret, run_logs, wait_final
 from helpers import start as _start
 from helpers import stop as _stop
+from pgserver import postgres  # noqa: F401
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from s3server import S3Server, free_port, s3  # noqa: F401
@@ -723,3 +724,84 @@ def _preprocess_into(s3: S3Server, bucket: str, tmp_path: Path, monkeypatch, ste
     for split in ("train", "val"):
         steps.preprocess(tmp_path / "synthetic", split, f"s3://{bucket}/shards/{split}",
                          samples_per_shard=4, workers=1)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- a sweep
+
+
+@pytest.mark.slow  # minutes: `make test-slow` (and CI) runs it
+def test_a_grid_sweep_on_two_workers_survives_a_lost_worker_and_a_killed_sweep(
+    team, server, postgres
+):
+    """`seg sweep` from clone C: a 2 x 2 grid on the pool's two workers, two trials at once,
+    the study in PostgreSQL. Host A's machine dies mid-trial: the sweep submits that trial
+    again and its new run, on host B, resumes from the checkpoint the dead one pushed. The
+    sweep itself is killed after a trial finished and started again under its name: it takes
+    over the trials in flight and hands out the rest; no trial is trained twice. Every trial
+    is an experiment on origin with exactly its grid point's params."""
+    from helpers import eventually
+
+    from stages.sweep_flow import study_of
+
+    c = team.c
+    fixed = [a for o in LONG for a in ("-S", o)]
+    args = ["sweep", "grid4", "--pool", POOL, "--parallel", "2", "--storage", postgres,
+            "-S", "train.lr=0.02,0.05", "-S", "evaluate.flip=true,false", *fixed]  # fmt: skip
+    for name in list(team.workers):
+        team.stop(name)
+    team.start("A")
+    team.start("B")
+    log = team.logs / "sweep.log"
+    sweep = _start([str(BIN / "seg"), *args], c.path, c.env, log)
+
+    def trial_running_on(host: Host):
+        """A trial whose run trains on `host` and has pushed a checkpoint."""
+        study = study_of("grid4", postgres)
+        for t in study.trials:
+            if t.state.name != "RUNNING" or "flow_run_id" not in t.user_attrs:
+                continue
+            ws = list(host.path.glob(".dvc/tmp/seg/runs/*"))
+            if ws and list(ws[0].glob("outputs/train/last.pt")):
+                return t
+        raise AssertionError("no trial training on that host yet")
+
+    try:
+        lost = eventually(lambda: trial_running_on(team.a), timeout=300, every=1)
+        team.kill("A")
+        with temporary_settings(updates={PREFECT_API_URL: server}):
+            from prefect.states import Crashed
+
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(lost.user_attrs["flow_run_id"],
+                                          Crashed(message="host A died"), force=True)  # fmt: skip
+
+        def one_done():
+            done = [t for t in study_of("grid4", postgres).trials if t.state.name == "COMPLETE"]
+            assert done, "no trial finished yet"
+
+        eventually(one_done, timeout=300, every=1)
+        kill_tree(sweep)  # the sweep's process dies; its trials' runs go on on the workers
+        sweep = _start([str(BIN / "seg"), *args], c.path, c.env, team.logs / "sweep-2.log")
+        assert sweep.wait(timeout=900) == 0, (team.logs / "sweep-2.log").read_text()[-3000:]
+    finally:
+        kill_tree(sweep)
+    study = study_of("grid4", postgres)
+    states = sorted((t.number, t.state.name) for t in study.trials)
+    assert states == [(n, "COMPLETE") for n in range(4)], states
+    runs = {t.number: t.user_attrs["flow_runs"] for t in study.trials}
+    assert len(runs[lost.number]) == 2 and all(
+        len(r) == 1 for n, r in runs.items() if n != lost.number
+    ), runs  # the lost trial submitted again; no other trial twice
+    text = (team.logs / "sweep-2.log").read_text()
+    assert "taken over" in text, text[-2000:]
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        with get_client(sync_client=True) as client:
+            retried = run_logs(client, runs[lost.number][1], "Finished in state")
+    assert f"workspace {team.b.path}/" in retried and "fetched s3://" in retried, retried
+    # every trial an experiment on origin, with exactly its point of the grid
+    exps = experiments(c)
+    points = sorted(
+        (exps[t.user_attrs["experiment"]]["params"]["train"]["lr"],
+         exps[t.user_attrs["experiment"]]["params"]["evaluate"]["flip"]) for t in study.trials
+    )  # fmt: skip
+    assert points == [(0.02, False), (0.02, True), (0.05, False), (0.05, True)], points

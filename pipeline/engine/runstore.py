@@ -46,7 +46,7 @@ def push(path: Path, where: str, step: int, run: str) -> Copy:
     store's put is whole or absent; a folder gets a temporary file renamed into place."""
     url = str(store.join(where, name(step, run)))
     if store.is_url(where):
-        store.put_file(path, url)
+        store.put_once(path, url)  # a new name each time: created, never rewritten
     else:
         dest = store.local(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def prune(where: str, run: str, keep: Copy) -> None:
     if not old:
         return
     if store.is_url(where):
-        store.remove(old)
+        store.remove(old)  # a delete marker where the bucket keeps versions, not a new version
     else:
         for url in old:
             store.local(url).unlink(missing_ok=True)
