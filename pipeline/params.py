@@ -332,11 +332,13 @@ def check_inference(crop, stride, scales, batch_size: int, prefix: str = "--") -
 
 
 def yaml_load(text: str):
-    """YAML as DVC reads params.yaml: YAML 1.2, where only true/false are booleans.
+    """YAML as DVC reads params.yaml: YAML 1.2, where only true/false are booleans and 1e-06
+    is a float.
 
     PyYAML follows YAML 1.1, which also reads yes/no/on/off as booleans, so `amp: off` would
     arrive as False ("expected str, got False") while `dvc exp run -S train.amp=off` and DVC's
-    own parser see the string "off"."""
+    own parser see the string "off"; and it reads 1e-06 (Python's repr of 0.000001) and 1.0e6
+    as strings."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -349,6 +351,12 @@ def yaml_load(text: str):
     }
     Loader.add_implicit_resolver(
         bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+    # after YAML 1.1's int and float resolvers: the 1.2 core schema's floats they miss
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+        list("-+.0123456789"),
     )
     return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
 

@@ -24,11 +24,16 @@ from stages.dvc_stages import (
 
 
 @task(name="save-experiment", **TASK_OPTS)
-def save_experiment(root: str, name: str | None = None, limit: float = runs.Limits.dvc) -> str:
-    """`dvc exp save [-n NAME]`: the workspace's params, metrics and outputs as an
-    experiment; returns its name."""
+def save_experiment(
+    root: str, name: str | None = None, limit: float = runs.Limits.dvc, stages: list | None = None
+) -> str:
+    """`dvc exp save [-n NAME] [STAGE...]`: the workspace's params, metrics and outputs as an
+    experiment; returns its name. With `stages`, only theirs are committed: a run's workspace
+    has no outputs of the stages it did not run (a pruned trial's evaluate), and DVC refuses
+    to save a stage whose outputs are missing."""
+    args = ["exp", "save", *(["--name", name] if name else []), *(stages or [])]
     done = runs.call(
-        dvc_command("exp", "save", *(["--name", name] if name else [])), root, limit,
+        dvc_command(*args), root, limit,
         "dvc exp save", "dvc", env=dvc_env(), check=False,
     )  # fmt: skip
     text = done.stdout + done.stderr

@@ -133,7 +133,7 @@ def parse_space(sets: list[str], params_file: Path | str = "params.yaml") -> Spa
     from stages import steps
 
     parser = OverridesParser.create()
-    dims, fixed, seen = [], [], set()
+    dims, fixed, seen, probes = [], [], set(), []
     for item in sets:
         try:
             o = parser.parse_override(item)
@@ -165,8 +165,9 @@ def parse_space(sets: list[str], params_file: Path | str = "params.yaml") -> Spa
         else:
             fixed.append(item)
             probe = [item]
-        for p in probe:  # an unknown key or an impossible value: now, not in a trial
-            steps.load(params_file, [*fixed, p])
+        probes += probe
+    for p in probes:  # an unknown key or an impossible value: now, not in a trial
+        steps.load(params_file, [*fixed, p])  # with every fixed one, wherever it was given
     if not dims:
         raise ConfigError("nothing to sweep: give at least one -S with several values")
     return Space(tuple(dims), tuple(fixed))

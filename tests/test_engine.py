@@ -146,6 +146,19 @@ def test_params_reject_unknown_keys_and_impossible_values(tmp_path):
             steps.load(f)
 
 
+def test_overrides_read_values_as_yaml_1_2(tmp_path):
+    """`-S` values parse as DVC parses them (YAML 1.2): off stays a string, 1e-06 (what a
+    sweep writes for 0.000001) and 1.0e-3 are floats."""
+    from pipeline.params import yaml_load
+
+    assert [yaml_load(t) for t in ("off", "1e-06", "1.0e-3", "12", "[1.0, 2]")] == [
+        "off", 1e-06, 1.0e-3, 12, [1.0, 2]
+    ]  # fmt: skip
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  lr: 0.01\n  min_lr: 0.0\n")
+    assert steps.load(f, ["train.lr=1e-06"]).train.lr == 1e-06
+
+
 def test_cli_eval_predict_average_runs(learned_project, tmp_path, monkeypatch):
     proj = tmp_path / "proj"
     shutil.copytree(learned_project, proj)

@@ -724,6 +724,26 @@ def test_flow_trains_on_several_processes_when_the_stage_command_says_so(server,
     assert set(stale) == {"params", "evaluate"}, stale
 
 
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"PREFECT_API_URL": "http://seg:p%40ss@h:4200/api"},
+         {"PREFECT_API_URL": "http://h:4200/api", "PREFECT_API_AUTH_STRING": "seg:p@ss"}),
+        ({"PREFECT_API_URL": "http://seg:pw@h/api", "PREFECT_API_AUTH_STRING": "a:b"},
+         {"PREFECT_API_URL": "http://h/api", "PREFECT_API_AUTH_STRING": "a:b"}),
+        ({"PREFECT_API_URL": "http://h:4200/api"}, {"PREFECT_API_URL": "http://h:4200/api"}),
+        ({}, {}),
+    ],
+)  # fmt: skip
+def test_credentials_in_the_api_url_move_to_the_auth_string(env, expected):
+    """Prefect's event stream (a served deployment's runner) reads credentials only from
+    PREFECT_API_AUTH_STRING: `seg` moves them there from the URL before Prefect starts."""
+    from stages.cli import credentials_out_of_the_url
+
+    credentials_out_of_the_url(env)
+    assert env == expected
+
+
 @pytest.fixture(scope="module")
 def auth_server(scratch) -> Iterator[tuple[int, str]]:
     """A real `prefect server` that wants Basic credentials (PREFECT_SERVER_API_AUTH_STRING):

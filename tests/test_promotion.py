@@ -8,7 +8,7 @@ each run's experiment as a version and gates it against prod's holder:
     run 3  twice the steps                         -> promoted; its tag on origin; another
                                                       clone's `seg predict --model deeplab#prod`
                                                       uses its weights and names its version
-    run 4  lr 0 (nothing learned)                  -> a regression: the run fails, the
+    run 4  lr 1e-6 (nothing learned)               -> a regression: the run fails, the
                                                       webhook gets exactly one call
 """
 
@@ -101,7 +101,7 @@ def test_scheduled_runs_promote_only_what_the_gate_passes(prefect_server, webhoo
                 plan = [("first", []), ("seed", ["train.seed=1"]),
                         ("longer", ["train.iterations=300", "train.val_interval=300",
                                     "train.checkpoint_interval=300"]),
-                        ("nothing learned", ["train.lr=0.0"])]  # fmt: skip
+                        ("nothing learned", ["train.lr=1e-6", "train.min_lr=0"])]  # fmt: skip
                 for what, overrides in plan:
                     made = client.create_flow_run_from_deployment(
                         d.id, parameters={"overrides": overrides}

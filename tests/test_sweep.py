@@ -46,6 +46,13 @@ def test_the_space_in_dvc_s_syntax():
     assert dists["train.lr"].log and dists["train.warmup_iters"].step == 1
     assert Path(PARAMS).read_text() == (REPO / "params.yaml").read_text()  # untouched
     assert sweep.Space.from_dict(json.loads(json.dumps(space.as_dict()))) == space
+    # a value is checked with every fixed override, given before or after its axis
+    space = sweep.parse_space(["train.lr=0.15,1e-6", "train.min_lr=0"], PARAMS)
+    assert space.overrides({"train.lr": space.dims[0].choices[1]}) == [
+        "train.min_lr=0", "train.lr=1e-06"
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="train.min_lr 0.0001 is above train.lr 1e-06"):
+        sweep.parse_space(["train.lr=0.15,1e-6"], PARAMS)
 
 
 @pytest.mark.parametrize(
@@ -141,7 +148,8 @@ def test_the_table_ranks_finished_trials_then_running_pruned_failed(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 # 150 steps of the learned recipe, validated every 50: a trial with lr 0.15 learns, one with
-# lr 0.0 does not; TPE with seed 6 hands out 0.15, 0.15, 0.0 (its random start, Optuna 5.0)
+# lr 1e-6 does not (lr 0 is refused); TPE with seed 6 hands out 0.15, 0.15, 1e-6 (its random
+# start, Optuna 5.0)
 SWEEP_PARAMS = {"synth.val": 16, "train.iterations": 150, "train.batch_size": 4,
                 "train.val_interval": 50, "train.checkpoint_interval": 50,
                 "train.log_every": 50}  # fmt: skip
@@ -151,7 +159,7 @@ SWEEP_PARAMS = {"synth.val": 16, "train.iterations": 150, "train.batch_size": 4,
 @pytest.mark.slow  # minutes: three trainings; `make test-slow` (and CI) runs it
 def test_a_local_tpe_sweep_prunes_the_trial_built_to_be_pruned(tmp_path, monkeypatch):
     """`seg sweep --local --sampler tpe --prune median`: trials one after another, each in a
-    workspace of its own and an experiment of the project; the trial with lr 0 is stopped at
+    workspace of its own and an experiment of the project; the trial with lr 1e-6 is stopped at
     its first validation (behind the median of the two before it), marked pruned in its
     experiment's metrics, and ranked last by `seg sweep show`."""
     from test_dvc import _new_project, dvc, git
@@ -164,8 +172,8 @@ def test_a_local_tpe_sweep_prunes_the_trial_built_to_be_pruned(tmp_path, monkeyp
     monkeypatch.chdir(proj)
     for key, value in _proc_env(proj).items():
         monkeypatch.setenv(key, value)
-    args = ["sweep", "lr", "--local", "-S", "train.lr=0.15,0.0", "--sampler", "tpe", "--trials",
-            "3", "--prune", "median", "--seed", "6"]  # fmt: skip
+    args = ["sweep", "lr", "--local", "-S", "train.lr=0.15,1e-6", "-S", "train.min_lr=0",
+            "--sampler", "tpe", "--trials", "3", "--prune", "median", "--seed", "6"]  # fmt: skip
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
@@ -178,7 +186,9 @@ def test_a_local_tpe_sweep_prunes_the_trial_built_to_be_pruned(tmp_path, monkeyp
     ] or [(r["trial"], r["state"]) for r in rows] == [
         (1, "complete"), (0, "complete"), (2, "pruned")
     ], rows  # fmt: skip
-    assert rows[2]["overrides"] == "train.lr=0.0" and rows[2]["last_reported"].endswith("at 50")
+    assert rows[2]["overrides"] == "train.min_lr=0 train.lr=1e-06" and rows[2][
+        "last_reported"
+    ].endswith("at 50")
     assert all(r["experiment"] for r in rows), rows
     # every trial is an experiment of the project; the pruned one says so in its metrics
     exps = json.loads(dvc(proj, "exp", "show", "--json").stdout)
