@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow test-all lint install node docs
+.PHONY: demo test test-slow test-soak test-all lint install node docs
 
 $(BIN)/seg: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,13 +18,19 @@ install: $(BIN)/seg
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
-# the everyday suite (e2e runs of dvc repro and a Prefect server included): ~11 min on 2 AVX2 cores
+# the everyday suite (e2e runs of dvc repro and a Prefect server included): ~15 min on 2 AVX2 cores
 test: install
 	$(BIN)/pytest -q -m "not slow"
 
-# the fault-injection, multi-host and every-fold scenarios (~25 min in all); CI runs both
+# the fault-injection, multi-host, sweep, promotion and docs scenarios CI runs after `make test`
 test-slow: install
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -m "slow and not soak" --durations=15
+
+# the longest multi-host scenarios (a pool sweep, eight runs on two hosts, a lost slot, a code
+# change): tens of minutes on 2 cores, past CI's budget; run them before a release (and on a
+# change to stages/runs.py, flows.py, sweep_flow.py or supervise.py)
+test-soak: install
+	$(BIN)/pytest -q -m soak --durations=15
 
 test-all: install
 	$(BIN)/pytest -q

@@ -273,7 +273,6 @@ def deploy(
     pull step `set_working_directory` to `{{ $NAME }}`, resolved by each worker's flow-run
     process). Returns the deployment id."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
@@ -296,18 +295,44 @@ def deploy(
             cron, timezone, overrides, collision, branch, limits, parallel, promote
         ),
     )  # fmt: skip
-    deployment_id = deployment.apply(work_pool_name=pool)
     if variable:
-        step = {"prefect.deployments.steps.set_working_directory": {
-            "directory": "{{ $" + variable + " }}"}}  # fmt: skip
-        with get_client(sync_client=True) as client:
-            client.update_deployment(deployment_id, DeploymentUpdate(pull_steps=[step]))
+        # in the same request as the rest: a deployment applied without its pull step, then
+        # updated, sends a run a worker picks up in between to a temporary folder
+        deployment.storage = _WorkdirStep(variable)
+    deployment_id = deployment.apply(work_pool_name=pool)
     crash_silent_runs(deployment_id, f"{pipeline_flow.name}/{name}")
     if notify:
         from stages.promotion import notify_on_regression
 
         notify_on_regression(deployment_id, f"{pipeline_flow.name}/{name}", notify)
     return deployment_id
+
+
+class _WorkdirStep:
+    """The pull step `set_working_directory` to `{{ $NAME }}` (each worker's clone), as the
+    RunnerStorage a deployment takes its pull steps from: its runs go to that folder, and
+    nothing is pulled or copied."""
+
+    def __init__(self, variable: str):
+        self.variable = variable
+
+    def set_base_path(self, path: Path) -> None:
+        pass
+
+    @property
+    def pull_interval(self) -> None:
+        return None
+
+    @property
+    def destination(self) -> Path:
+        return Path(".")
+
+    async def pull_code(self) -> None:
+        pass
+
+    def to_pull_step(self) -> list[dict]:
+        directory = "{{ $" + self.variable + " }}"
+        return [{"prefect.deployments.steps.set_working_directory": {"directory": directory}}]
 
 
 def run_env() -> dict[str, str]:

@@ -57,6 +57,9 @@ def promote_model(root: str, experiment: str, stage: str, model: str = "deeplab"
         )  # fmt: skip
         raise Regression(out.line)
     logger.info("%s", out.line)
+    if out.tag:
+        logger.info("%s holds %s now (tag %s, on origin where there is one)", version.ref, stage,
+                    out.tag)  # fmt: skip
     return result
 
 
@@ -87,7 +90,7 @@ def notify_on_regression(deployment_id, deployment_name: str, url: str) -> str:
 
     slug = "".join(c if c.isalnum() else "-" for c in deployment_name.lower()).strip("-")
     block = CustomWebhookNotificationBlock(
-        url=url, method="POST",
+        name=f"{deployment_name} model regression", url=url, method="POST",
         json_data={"text": "{{subject}}: {{body}}", "deployment": deployment_name},
     )  # fmt: skip
     block_id = block.save(f"seg-{slug}-regression", overwrite=True)

@@ -255,10 +255,16 @@ class Version:
 
 
 def _gto_versions(root: Path | str, name: str) -> list[dict]:
-    """GTO's registered versions of `name`, newest first."""
+    """GTO's registered versions of `name`, newest first (none before its first version: GTO
+    knows an artifact by its tags, or by annotations on a branch, and a run's workspace, at a
+    detached commit, has neither yet)."""
     import gto.api
+    from gto.exceptions import ArtifactNotFound
 
-    return [v for v in gto.api.show(str(root), name) if v.get("registrations")]
+    try:
+        return [v for v in gto.api.show(str(root), name) if v.get("registrations")]
+    except ArtifactNotFound:
+        return []
 
 
 def _stage_holders(root: Path | str, name: str) -> dict[str, str]:

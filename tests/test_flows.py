@@ -557,6 +557,18 @@ def test_deployment_on_a_process_work_pool_runs_on_a_worker(server, proj, tmp_pa
         )  # fmt: skip
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert f"on work pool '{pool}'" in deployed.stdout + deployed.stderr
+        # a clone per host (--workdir '$NAME'): the pull step comes with the deployment's first
+        # request (applied, then updated, a run picked up between went to a temporary folder)
+        pooled = subprocess.run(
+            [str(BIN / "seg"), "deploy", "--pool", pool, "--name", "pooled", "--workdir",
+             "$SEG_CLONE"], cwd=proj, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert pooled.returncode == 0, pooled.stdout + pooled.stderr
+        with get_client(sync_client=True) as client:
+            d = client.read_deployment_by_name("seg-pipeline/pooled")
+            assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+                "directory": "{{ $SEG_CLONE }}"}}]  # fmt: skip
+            assert "working_dir" not in d.job_variables and not d.path
         # the worker runs elsewhere; the deployment says where the project is
         elsewhere = tmp_path / "worker-cwd"
         elsewhere.mkdir()

@@ -731,7 +731,7 @@ def _preprocess_into(s3: S3Server, bucket: str, tmp_path: Path, monkeypatch, ste
 
 @pytest.mark.slow  # minutes: `make test-slow` (and CI) runs it
 def test_a_grid_sweep_on_two_workers_survives_a_lost_worker_and_a_killed_sweep(
-    team, server, postgres
+    team, server, postgres, s3
 ):
     """`seg sweep` from clone C: a 2 x 2 grid on the pool's two workers, two trials at once,
     the study in PostgreSQL. Host A's machine dies mid-trial: the sweep submits that trial
@@ -741,6 +741,7 @@ def test_a_grid_sweep_on_two_workers_survives_a_lost_worker_and_a_killed_sweep(
     is an experiment on origin with exactly its grid point's params."""
     from helpers import eventually
 
+    from pipeline.engine import runstore
     from stages.sweep_flow import study_of
 
     c = team.c
@@ -756,12 +757,24 @@ def test_a_grid_sweep_on_two_workers_survives_a_lost_worker_and_a_killed_sweep(
 
     def trial_running_on(host: Host):
         """A trial whose run trains on `host` and has pushed a checkpoint."""
-        study = study_of("grid4", postgres)
+        from pipeline.errors import ConfigError
+
+        assert sweep.poll() is None, log.read_text()[-3000:]  # the sweep is still at it
+        try:
+            study = study_of("grid4", postgres)
+        except ConfigError as exc:  # `seg sweep` has not made its study yet
+            raise AssertionError(str(exc)) from None
         for t in study.trials:
             if t.state.name != "RUNNING" or "flow_run_id" not in t.user_attrs:
                 continue
-            ws = list(host.path.glob(".dvc/tmp/seg/runs/*"))
-            if ws and list(ws[0].glob("outputs/train/last.pt")):
+            # its run's workspace on that host: <clone>/.dvc/tmp/seg/runs/<name>-<id[:8]>
+            run8 = t.user_attrs["flow_run_id"].replace("-", "")[:8]
+            if not list(host.path.glob(f".dvc/tmp/seg/runs/*-{run8}")):
+                continue
+            key = runs.run_key(team.head(), t.user_attrs["overrides"])
+            with s3_environment(s3):
+                got = runstore.copies(f"s3://{team.bucket}/dvc/seg-runs/{key}")
+            if got and got[0].step >= 4:  # (the workspace's last.pt is its commit's at first)
                 return t
         raise AssertionError("no trial training on that host yet")
 
@@ -788,15 +801,15 @@ def test_a_grid_sweep_on_two_workers_survives_a_lost_worker_and_a_killed_sweep(
     study = study_of("grid4", postgres)
     states = sorted((t.number, t.state.name) for t in study.trials)
     assert states == [(n, "COMPLETE") for n in range(4)], states
-    runs = {t.number: t.user_attrs["flow_runs"] for t in study.trials}
-    assert len(runs[lost.number]) == 2 and all(
-        len(r) == 1 for n, r in runs.items() if n != lost.number
-    ), runs  # the lost trial submitted again; no other trial twice
+    flow_runs = {t.number: t.user_attrs["flow_runs"] for t in study.trials}
+    assert len(flow_runs[lost.number]) == 2 and all(
+        len(r) == 1 for n, r in flow_runs.items() if n != lost.number
+    ), flow_runs  # the lost trial submitted again; no other trial twice
     text = (team.logs / "sweep-2.log").read_text()
     assert "taken over" in text, text[-2000:]
     with temporary_settings(updates={PREFECT_API_URL: server}):
         with get_client(sync_client=True) as client:
-            retried = run_logs(client, runs[lost.number][1], "Finished in state")
+            retried = run_logs(client, flow_runs[lost.number][1], "Finished in state")
     assert f"workspace {team.b.path}/" in retried and "fetched s3://" in retried, retried
     # every trial an experiment on origin, with exactly its point of the grid
     exps = experiments(c)

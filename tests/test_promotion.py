@@ -107,7 +107,8 @@ def test_scheduled_runs_promote_only_what_the_gate_passes(prefect_server, webhoo
                         d.id, parameters={"overrides": overrides}
                     )
                     r = wait_final(client, made.id, timeout=600)
-                    runs[what] = (r, run_logs(client, r.id, "Finished in state"))
+                    # the run's last line before its state's: its workspace removed
+                    runs[what] = (r, run_logs(client, r.id, " removed\n", timeout=60))
                 hooked = eventually(lambda: _one(Hook.calls), timeout=60)
     finally:
         stop(worker)
@@ -128,7 +129,7 @@ def test_scheduled_runs_promote_only_what_the_gate_passes(prefect_server, webhoo
     c = tmp_path / "C"
     subprocess.run(["git", "clone", "-q", f"file://{origin}", str(c)], check=True)
     c_env = {**_env(tmp_path / "C-home"), "PYTHONPATH": str(c)}
-    subprocess.run([str(BIN / "dvc"), "pull", "-q"], cwd=c, env=c_env, check=True)
+    subprocess.run([str(BIN / "dvc"), "pull", "-q", "synth"], cwd=c, env=c_env, check=True)
     frames = sorted((c / "data/synthetic/leftImg8bit/val").rglob("*.png"))[:1]
     out = tmp_path / "pred"
     done = subprocess.run(

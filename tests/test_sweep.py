@@ -192,11 +192,11 @@ def test_a_local_tpe_sweep_prunes_the_trial_built_to_be_pruned(tmp_path, monkeyp
     assert all(r["experiment"] for r in rows), rows
     # every trial is an experiment of the project; the pruned one says so in its metrics
     exps = json.loads(dvc(proj, "exp", "show", "--json").stdout)
-    found = {
-        e["name"]: e["data"]["metrics"]["outputs/train/dvclive/metrics.json"]["data"]
-        for row in exps if row["rev"] != "workspace"
-        for group in row.get("experiments") or [] for e in group["revs"]
-    }  # fmt: skip
+    revs = [e for row in exps if row["rev"] != "workspace"
+            for group in row.get("experiments") or [] for e in group["revs"]]  # fmt: skip
+    assert all(e.get("data") for e in revs), revs  # DVC read each one (no "error")
+    found = {e["name"]: e["data"]["metrics"]["outputs/train/dvclive/metrics.json"]["data"]
+             for e in revs}  # fmt: skip
     assert {r["experiment"] for r in rows} <= set(found), (rows, found)
     assert found[rows[2]["experiment"]].get("pruned") == 50
     assert all("pruned" not in found[r["experiment"]] for r in rows[:2])
