@@ -101,7 +101,7 @@ def errors(url: Path | str, doing: str = "read") -> Iterator[None]:
             f"{where}: {exc} (for s3:// install the s3 extra: pip install -e '.[s3]')"
         ) from None
     except FileNotFoundError as exc:
-        if "bucket" in str(exc).lower():
+        if no_such_bucket(exc):
             bucket = urlsplit(str(url)).hostname
             raise DataError(f"{where}: bucket {bucket!r} does not exist") from None
         raise
@@ -128,6 +128,24 @@ def errors(url: Path | str, doing: str = "read") -> Iterator[None]:
         raise
 
 
+def no_such_bucket(exc: BaseException) -> bool:
+    """Whether a FileNotFoundError is S3's NoSuchBucket: its error code in the exception's
+    chain (s3fs raises FileNotFoundError from botocore's ClientError), or S3's own message.
+    Never the word "bucket" in a path: a missing object in a bucket named `team-bucket` is a
+    missing object."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return True
+        if "the specified bucket does not exist" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _endpoint(exc: Exception) -> str:
     """scheme://host:port of the URL a botocore connection error names."""
     url = str(getattr(exc, "kwargs", {}).get("endpoint_url", ""))
@@ -147,7 +165,7 @@ def read_bytes(url: Path | str, missing: str | None = None) -> bytes:
         try:
             return fs.cat_file(path)
         except FileNotFoundError as exc:
-            if missing is None or "bucket" in str(exc).lower():
+            if missing is None or no_such_bucket(exc):
                 raise
             raise DataError(missing) from None
 

@@ -392,3 +392,21 @@ def test_data_store_is_a_url_and_data_shards_then_a_local_folder():
         params_from_dict(tiny_params(**{"data.store": "data/elsewhere"}))
     with pytest.raises(ConfigError, match="data.shards: with data.store it is the local folder"):
         params_from_dict(tiny_params(**{"data.store": "s3://b/p", "data.shards": "s3://b/q"}))
+
+
+def test_a_missing_object_in_a_bucket_named_bucket_is_a_missing_object(s3_env):
+    """Only S3's NoSuchBucket says "bucket ... does not exist"; the word in a bucket's name
+    (team-bucket) does not turn a missing object into a missing bucket."""
+    from pipeline import store
+    from pipeline.errors import DataError
+
+    if "team-bucket" not in [b["Name"] for b in s3_env.client().list_buckets()["Buckets"]]:
+        s3_env.make_bucket("team-bucket")
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("s3://team-bucket/shards/val/manifest.parquet")
+    with pytest.raises(DataError, match=r"^no manifest there$"):
+        store.read_bytes(
+            "s3://team-bucket/shards/val/manifest.parquet", missing="no manifest there"
+        )
+    with pytest.raises(DataError, match="bucket 'absent-bucket' does not exist"):
+        store.read_bytes("s3://absent-bucket/shards/val/manifest.parquet", missing="no manifest")
