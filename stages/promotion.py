@@ -35,12 +35,12 @@ def promote_model(root: str, experiment: str, stage: str, model: str = "deeplab"
     the gate passes. Raises Regression (after emitting REGRESSION_EVENT) on a regression."""
     from prefect.events import emit_event
 
-    from stages import registry
+    from stages import gate, registry
 
     logger = get_run_logger()
     version = registry.register(root, model, rev=experiment, bump="patch")
     logger.info("registered %s (experiment %s)", version.ref, experiment)
-    out = registry.promote(root, model, version.version, stage)
+    out = gate.promote(root, model, version.version, stage)
     for note in out.notes:
         logger.info("%s", note)
     create_markdown_artifact(

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stages import registry
+from stages import gate, registry
 from stages.cli import app
 
 pytestmark = pytest.mark.e2e
@@ -63,7 +63,7 @@ def _version(proj: Path, data_from: Path, weights_from: Path, message: str) -> s
     shutil.copytree(data_from / "data", proj / "data")
     shutil.copytree(weights_from / "outputs" / "train", proj / "outputs" / "train")
     shutil.copy2(data_from / "params.yaml", proj / "params.yaml")
-    with registry._cwd(proj), Repo(str(proj)) as repo:  # DVC reads targets from the cwd
+    with gate._cwd(proj), Repo(str(proj)) as repo:  # DVC reads targets from the cwd
         steps.evaluate(steps.load("params.yaml"), history=False)
         repo.commit("evaluate", with_deps=True, force=True)
         repo.push()
@@ -211,7 +211,7 @@ def test_a_concurrent_promotion_is_rejected_then_gated_again(world):
     )
     hook.chmod(0o755)
     try:
-        out = registry.promote(proj, "deeplab", "v0.2.0", "prod")
+        out = gate.promote(proj, "deeplab", "v0.2.0", "prod")
     finally:
         hook.unlink()
     assert marker.exists()  # the race happened
@@ -234,7 +234,7 @@ def test_a_holder_scored_on_older_val_data_is_scored_again(world):
     proj = world["proj"]
     v1 = registry.resolve(proj, "deeplab@v0.1.0")
     v2 = registry.resolve(proj, "deeplab@v0.2.0")
-    a, b, notes = registry._comparable_counts(proj, v1, v2, registry._root_params(proj))
+    a, b, notes = gate._comparable_counts(proj, v1, v2, registry._root_params(proj))
     assert len(a.keys) == len(b.keys) == 16 and compare.why_not_comparable(a, b) is None
     assert notes and "deeplab@v0.1.0 scored again on the current val data" in notes[0]
     assert a.meta["registry"]["version"] == "v0.1.0"
@@ -248,7 +248,7 @@ def test_a_worse_candidate_is_not_promoted_and_nothing_changes(world):
     assert line.startswith("regression: ΔmIoU -"), result.output  # far beyond max_drop 1.0
     assert "against deeplab@v0.2.0" in line
     assert (_origin_tags(world), _git(proj, "tag", "-l")) == before
-    out = registry.gate(proj, "deeplab", "v0.3.0")
+    out = gate.gate(proj, "deeplab", "v0.3.0")
     assert out.regression and not out.passed and out.comparison.delta.hi < -0.01
 
 
@@ -329,7 +329,7 @@ def test_compare_refuses_other_eval_settings(world, tmp_path):
     from stages import steps
 
     proj = world["proj"]
-    with registry._cwd(proj):
+    with gate._cwd(proj):
         p = steps.load("params.yaml", ["evaluate.flip=false"])
         steps.evaluate(p, out=tmp_path / "noflip", history=False)
     result = _seg(proj, "compare", "outputs/eval", str(tmp_path / "noflip"), code=1)
@@ -349,7 +349,7 @@ def test_a_version_whose_weights_are_in_no_remote(world, tmp_path):
         dirs_exist_ok=True,
     )  # fmt: skip
     (work / "outputs" / "train" / "best.pt").write_bytes(b"never pushed")
-    with registry._cwd(work), Repo(str(work)) as repo:
+    with gate._cwd(work), Repo(str(work)) as repo:
         repo.commit("train", force=True)
     _git(work, "add", "-A")
     _git(work, "commit", "-q", "-m", "unpushed weights")

@@ -195,11 +195,11 @@ def evaluate(
 
 def _from_registry(params: Path, ref: str) -> tuple[Path, dict]:
     """(local weights, provenance) of a registry version, in the project of `params`."""
-    from stages import registry
+    from stages import model_files, registry
 
     root = Path(params).resolve().parent
     v = registry.resolve(root, ref)
-    return registry.fetch(root, v), v.provenance()
+    return model_files.fetch(root, v), v.provenance()
 
 
 def say(line: str) -> None:

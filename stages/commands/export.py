@@ -55,11 +55,11 @@ def export(
     suffix = SUFFIXES.get(format_, f".{format_}")
     source = None
     if not Path(checkpoint).exists() and parse_ref(checkpoint):
-        from stages import registry
+        from stages import model_files, registry
 
         root = Path.cwd()
         v = registry.resolve(root, checkpoint)
-        checkpoint, source = registry.fetch(root, v), v.provenance()
+        checkpoint, source = model_files.fetch(root, v), v.provenance()
         out = out or Path(f"{v.name}-{v.version}{suffix}")  # here, not in the fetch cache
     checkpoint = Path(checkpoint)
     out = out or checkpoint.with_name(checkpoint.name.removesuffix(".pt") + suffix)

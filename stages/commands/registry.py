@@ -49,7 +49,7 @@ def compare(
 
     from pipeline import compare as cmp
     from pipeline.params import load_params
-    from stages import registry
+    from stages import gate
     from stages.progress import console
 
     p = load_params(params)
@@ -57,7 +57,7 @@ def compare(
     if method not in cmp.METHODS:
         raise typer.BadParameter(f"--method {method!r}: one of {', '.join(cmp.METHODS)}")
     root = Path(params).resolve().parent
-    fa, fb = registry.counts_of(root, a, p), registry.counts_of(root, b, p)
+    fa, fb = gate.counts_of(root, a, p), gate.counts_of(root, b, p)
     c = cmp.paired_bootstrap(
         fa, fb, resamples or r.resamples, r.seed if seed is None else seed, level or r.level,
         method,
@@ -110,12 +110,12 @@ def promote(
     import json
 
     from pipeline.params import load_params
-    from stages import registry
+    from stages import gate
     from stages.progress import console
 
     p = load_params(params)
     root = Path(params).resolve().parent
-    out = registry.promote(root, name, version, to, force, reason, push, p)
+    out = gate.promote(root, name, version, to, force, reason, push, p)
     if json_:
         typer.echo(json.dumps(out.to_dict(), indent=2, default=str))
         return
