@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -485,3 +486,32 @@ def _nanmean(values: torch.Tensor) -> float:
 def _none_if_nan(x: float) -> float | None:
     """JSON has no NaN: an undefined score is written as null."""
     return None if math.isnan(x) else x
+
+
+def confusion_png(confusion, class_names, path: Path) -> None:
+    """The row-normalised confusion matrix as a heat map with class names (PIL only), written
+    to `path` as it is (callers pass a temporary path: pipeline.atomic)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = confusion.sum(1, keepdims=True)
+    norm = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
+    n, cell, margin = len(class_names), 24, 130
+    size = margin + n * cell + 10
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i in range(n):
+        for j in range(n):
+            v = float(norm[i, j])  # white (0) -> dark blue (1), as matplotlib's "Blues"
+            colour = tuple(int(255 - v * (255 - c)) for c in (8, 48, 107))
+            x, y = margin + j * cell, margin + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline="#dddddd")
+        draw.text((4, margin + i * cell + 6), str(class_names[i])[:18], fill="black", font=font)
+        label = Image.new("RGB", (margin - 4, cell), "white")
+        ImageDraw.Draw(label).text((2, 6), str(class_names[i])[:18], fill="black", font=font)
+        img.paste(label.rotate(90, expand=True), (margin + i * cell, 2))
+    draw.text(
+        (margin, size - 10), "columns: predicted, rows: ground truth", fill="black", font=font
+    )
+    img.save(path, format="PNG")

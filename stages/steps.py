@@ -143,78 +143,6 @@ def preprocess(
     )  # fmt: skip
 
 
-class _Log:
-    """Training callbacks -> DVCLive (metrics and plots dvc understands) where it is installed,
-    else a plain `train_log.jsonl` (a lean GPU node without the orchestration extra); plus an
-    optional sink (the CLI's progress bar)."""
-
-    def __init__(
-        self, out: Path, resume: bool, sink=None, store: RunStore | None = None, trial=None
-    ) -> None:
-        self.sink, self.store, self.trial = sink, store, trial
-        self.prune = False  # the sweep's pruner said stop at the last validation
-        try:
-            from dvclive import Live
-        except ImportError:
-            self.live, self.file = None, out / "train_log.jsonl"
-            out.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                self.file.unlink(missing_ok=True)
-            log.info("dvclive is not installed: training curves go to %s", self.file)
-            return
-        self.live = Live(dir=str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=False)
-
-    def _write(self, step: int, values: dict) -> None:
-        if self.live is None:
-            with open(self.file, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
-            return
-        self.live.step = step
-        for name, value in values.items():
-            self.live.log_metric(name, value)
-
-    def on_step(self, info: dict) -> None:
-        self._write(
-            info["step"],
-            {
-                "train/loss": info["loss"],
-                "train/lr": info["lr"],
-                "train/images_per_s": info["images_per_s"],
-            },
-        )
-        if self.sink:
-            self.sink.on_step(info)
-
-    def on_eval(self, step: int, metrics: dict) -> None:
-        self._write(
-            step, {"val/miou": metrics["miou"], "val/pixel_accuracy": metrics["pixel_accuracy"]}
-        )
-        if self.sink:
-            self.sink.on_eval(step, metrics)
-        if self.trial is not None:
-            self.prune = self.trial.report(step, metrics["miou"])
-
-    def should_stop(self) -> bool:
-        return self.prune
-
-    def mark_pruned(self, step: int) -> None:
-        """The pruned mark in the training's metrics (DVCLive's metrics.json: `dvc exp show`
-        shows it), or its log without DVCLive."""
-        if self.live is not None:
-            self.live.summary["pruned"] = step
-            self.live.make_summary()
-        else:
-            self._write(step, {"pruned": step})
-
-    def on_checkpoint(self, path: Path, step: int) -> None:
-        if self.store is not None:
-            self.store.push(path, step)
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.end()
-
-
 def train(
     p: Params,
     resume: Resume = Resume.NEW,
@@ -260,7 +188,9 @@ def train(
     from stages.sweep import TrialLink
 
     trial = TrialLink.from_env() if fold is None else None
-    logger = _Log(out, plan.checkpoint is not None, sink, run_store, trial) if main else None
+    from stages.train_log import TrainLog
+
+    logger = TrainLog(out, plan.checkpoint is not None, sink, run_store, trial) if main else None
     try:
         result = train(
             p.train, train_src, val_src, out, get_spec(p.data.dataset), class_counts=counts,
@@ -387,6 +317,8 @@ def evaluate(
             "registry": registry,
         },
     )
+    from pipeline.metrics import confusion_png
+
     # all or nothing: a full disk at the last file leaves every previous result as it was
     with atomic_files() as new:
         _json_to(new(out / "metrics.json"), metrics)
@@ -540,32 +472,3 @@ def _write_json(path: Path, data) -> None:
 
 def _json_to(path: Path, data) -> None:
     path.write_text(_json_text(data), encoding="utf-8")
-
-
-def confusion_png(confusion, class_names, path: Path) -> None:
-    """The row-normalised confusion matrix as a heat map with class names (PIL only), written
-    to `path` as it is (callers pass a temporary path: pipeline.atomic)."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
-    rows = confusion.sum(1, keepdims=True)
-    norm = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
-    n, cell, margin = len(class_names), 24, 130
-    size = margin + n * cell + 10
-    img = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    for i in range(n):
-        for j in range(n):
-            v = float(norm[i, j])  # white (0) -> dark blue (1), as matplotlib's "Blues"
-            colour = tuple(int(255 - v * (255 - c)) for c in (8, 48, 107))
-            x, y = margin + j * cell, margin + i * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline="#dddddd")
-        draw.text((4, margin + i * cell + 6), str(class_names[i])[:18], fill="black", font=font)
-        label = Image.new("RGB", (margin - 4, cell), "white")
-        ImageDraw.Draw(label).text((2, 6), str(class_names[i])[:18], fill="black", font=font)
-        img.paste(label.rotate(90, expand=True), (margin + i * cell, 2))
-    draw.text(
-        (margin, size - 10), "columns: predicted, rows: ground truth", fill="black", font=font
-    )
-    img.save(path, format="PNG")
