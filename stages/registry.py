@@ -26,6 +26,7 @@ the gate and promotion: stages/gate.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from stages.model_files import (  # noqa: F401  (RegistryError: the registry's e
     RegistryError,
     _git,
     _last_line,
+    _outputs,
     _publish,
     _show,
     eval_paths,
@@ -331,6 +333,11 @@ def register(
         raise RegistryError(
             f"{rev}: commit {commit[:8]}'s dvc.yaml declares no model {name!r} (it declares {known})"
         )
+    pruned = pruned_at(root, commit)
+    if pruned is not None:
+        raise RegistryError(
+            f"{rev}: a sweep's trial pruned at step {pruned}: its weights are not a finished model"
+        )
     fetch_tags(root, required=push)
     for v in _gto_versions(root, name):
         if v["commit_hexsha"] == commit:
@@ -355,6 +362,17 @@ def register(
     raise RegistryError(
         f"{name}@{chosen}: {ORIGIN} has this version already (registered meanwhile)"
     )
+
+
+def pruned_at(root: Path | str, commit: str) -> int | None:
+    """The step a sweep's pruner stopped the commit's training at (the `pruned` mark in its
+    DVCLive metrics, git-tracked), None for a finished training."""
+    text = _show(root, commit, f"{_outputs(root, commit)}/train/dvclive/metrics.json")
+    try:
+        pruned = json.loads(text).get("pruned") if text else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return int(pruned) if isinstance(pruned, int | float) else None
 
 
 def _next_version(root: Path | str, name: str, version: str | None, bump: str) -> str:

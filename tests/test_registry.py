@@ -367,3 +367,25 @@ def test_a_version_whose_weights_are_in_no_remote(world, tmp_path):
         result, "deeplab@v0.9.0", "is in no DVC remote (storage)", "not in this clone's cache"
     )
     assert not (clone / "outputs" / "registry").exists() and not (clone / "predictions").exists()
+
+
+def test_a_pruned_sweep_trial_is_never_registered(tmp_path):
+    """A trial the sweep's pruner stopped (its DVCLive metrics carry `pruned`) is refused in one
+    line, before anything is tagged or pushed."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    metrics = repo / "outputs/train/dvclive/metrics.json"
+    metrics.parent.mkdir(parents=True)
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    metrics.write_text('{"step": 50, "val": {"miou": 0.01}, "pruned": 50}')
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "trial"], cwd=repo, check=True)
+    with pytest.raises(registry.RegistryError, match="pruned at step 50: its weights are not"):
+        registry.register(repo, "deeplab", "HEAD")
+    assert registry.pruned_at(repo, "HEAD") == 50
+    assert not subprocess.run(["git", "tag"], cwd=repo, capture_output=True, text=True).stdout
