@@ -75,7 +75,48 @@ def gate_markdown(out) -> str:
             fmt = "-" if value is None else f"{100 * value:+.2f}"
             span = "-" if lo is None or hi is None else f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"
             lines.append(f"| {row['class']} | {fmt} | {span} |")
+        plot = delta_png(comp.get("per_class", []))
+        if plot:
+            lines += ["", "Each class's Δ IoU with its interval (points):", "",
+                      f"![per-class delta]({plot})"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def delta_png(per_class: list[dict]) -> str | None:
+    """Each class's Δ IoU as a point on its interval, a zero line through them (a forest plot),
+    as a PNG data URI (PIL only); None when no class has an interval."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    rows = [(r["class"], r["delta"]) for r in per_class
+            if r["delta"].get("lo") is not None and r["delta"].get("hi") is not None]  # fmt: skip
+    if not rows:
+        return None
+    span = max(max(abs(d["lo"]), abs(d["hi"])) for _, d in rows) or 0.01
+    w, row_h, left, right = 520, 18, 130, 20
+    h = 30 + row_h * len(rows)
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+
+    def x(v: float) -> float:
+        return left + (w - left - right) * (v + span) / (2 * span)
+
+    draw.line([(x(0), 4), (x(0), h - 24)], fill="#999999")
+    for i, (name, d) in enumerate(rows):
+        y = 10 + i * row_h + row_h / 2
+        colour = (0, 110, 50) if d["lo"] > 0 else (170, 30, 30) if d["hi"] < 0 else (8, 48, 107)
+        draw.text((4, y - 6), str(name)[:18], fill="black")
+        draw.line([(x(d["lo"]), y), (x(d["hi"]), y)], fill=colour, width=2)
+        if d.get("value") is not None:
+            cx = x(d["value"])
+            draw.ellipse([cx - 3, y - 3, cx + 3, y + 3], fill=colour)
+    draw.text((left, h - 18), f"{-100 * span:+.1f}", fill="black")
+    draw.text((w - right - 40, h - 18), f"{100 * span:+.1f}", fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def notify_on_regression(deployment_id, deployment_name: str, url: str) -> str:

@@ -389,3 +389,29 @@ def test_a_pruned_sweep_trial_is_never_registered(tmp_path):
         registry.register(repo, "deeplab", "HEAD")
     assert registry.pruned_at(repo, "HEAD") == 50
     assert not subprocess.run(["git", "tag"], cwd=repo, capture_output=True, text=True).stdout
+
+
+def test_the_gate_artifact_has_a_table_and_a_forest_plot_of_each_class_delta():
+    """The run's `model-gate` artifact: per-class Δ with intervals as a table and as a picture
+    (a point on its interval per class, a zero line)."""
+    import base64
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from stages.promotion import gate_markdown
+
+    per_class = [
+        {"class": "road", "delta": {"value": 0.02, "lo": 0.01, "hi": 0.03}},
+        {"class": "train", "delta": {"value": -0.04, "lo": -0.09, "hi": 0.01}},
+        {"class": "bus", "delta": {"value": None, "lo": None, "hi": None}},
+    ]
+    comparison = SimpleNamespace(to_dict=lambda: {"per_class": per_class})
+    out = SimpleNamespace(candidate=SimpleNamespace(ref="deeplab@v0.2.0"), stage="prod",
+                          line="promoted: ΔmIoU +0.4 [+0.1, +0.8]", comparison=comparison)  # fmt: skip
+    text = gate_markdown(out)
+    assert "| road | +2.00 | [+1.00, +3.00] |" in text and "| bus | - | - |" in text
+    uri = text.split("![per-class delta](", 1)[1].split(")", 1)[0]
+    png = Image.open(io.BytesIO(base64.b64decode(uri.removeprefix("data:image/png;base64,"))))
+    assert png.format == "PNG" and png.height == 30 + 18 * 2  # a row per class with an interval
