@@ -300,7 +300,9 @@ def _resolve(path: Path, rev: str, limits: Limits) -> str | None:
 
 def _configure_dvc(clone: Path, path: Path) -> None:
     """The workspace's DVC: the clone's local config (remote credentials), the clone's cache
-    shared and linked."""
+    shared and linked, and autostage, as `dvc exp run` does: what DVC tracks in git (dvc.lock,
+    the stages' cache: false metrics and plots) is staged as the stages run, so the run's
+    experiment holds its metrics even where its commit had none yet."""
     from dvc.repo import Repo
 
     with Repo(str(clone)) as repo:
@@ -312,6 +314,7 @@ def _configure_dvc(clone: Path, path: Path) -> None:
         with repo.config.edit("local") as conf:
             conf["cache"]["dir"] = str(cache_dir)
             conf["cache"]["type"] = CACHE_TYPES
+            conf["core"]["autostage"] = True
 
 
 def _display_url(url: str) -> str:

@@ -105,6 +105,7 @@ def test_a_workspace_is_at_its_commit_and_leaves_the_clone_alone(clone: Path):
         local = (ws.path / ".dvc" / "config.local").read_text()
         assert f"dir = {clone / '.dvc' / 'cache'}" in local and "analytics = false" in local
         assert 'type = "reflink,hardlink,copy"' in local or "reflink,hardlink,copy" in local
+        assert "autostage = true" in local.lower()  # metrics a commit lacks go into the exp
         pinned = runs.open_workspace(clone, "run-2", first[:8], None, lim)  # a named commit
         assert pinned.commit == first and pinned.source == first[:8]
         assert (pinned.path / "params.yaml").read_text() == "train:\n  lr: 0.1\n"
