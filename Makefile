@@ -22,13 +22,16 @@ demo: install
 test: install
 	$(BIN)/pytest -q -m "not slow"
 
-# the fault-injection, multi-host, sweep, promotion and docs scenarios CI runs after `make test`
+# the scenarios of minutes each CI runs after `make test` (~27 min on 2 AVX2 cores): the docs'
+# shell blocks, faults, a killed worker's run resumed on another host, a code change, two
+# nodes, a local sweep that prunes, every k-fold stage, the stage deps recorded, credentials
 test-slow: install
 	$(BIN)/pytest -q -m "slow and not soak" --durations=15
 
-# the longest multi-host scenarios (a pool sweep, eight runs on two hosts, a lost slot, a code
-# change): tens of minutes on 2 cores, past CI's budget; run them before a release (and on a
-# change to stages/runs.py, flows.py, sweep_flow.py or supervise.py)
+# the longest scenarios, past CI's 45-minute budget (~28 min more): a sweep on a pool of two
+# hosts, eight runs on two hosts, a lost slot, four scheduled runs through the promotion gate,
+# overlapping scheduled runs, dvc repro -f and dvc exp run. Run them on a change to
+# stages/runs.py, flows.py, experiments.py, supervise.py, sweep_flow.py or promotion.py
 test-soak: install
 	$(BIN)/pytest -q -m soak --durations=15
 

@@ -222,7 +222,8 @@ def test_metrics_and_plots_show(project: Path, tmp_path: Path) -> None:
     assert "per_class_iou.json" in page and "train/loss.tsv" in page
 
 
-@pytest.mark.slow  # `make test-slow` (and CI) runs it
+@pytest.mark.slow
+@pytest.mark.soak  # past CI's budget (make test-soak): 3 min here, two full repros
 def test_forced_repro_gives_the_same_metrics(project: Path, tmp_path: Path) -> None:
     proj = _copy(project, tmp_path / "proj")
     before = _metrics(proj)
@@ -239,7 +240,8 @@ def test_forced_repro_gives_the_same_metrics(project: Path, tmp_path: Path) -> N
     assert after["provenance"]["params_hash"] == before["provenance"]["params_hash"]
 
 
-@pytest.mark.slow  # `make test-slow` (and CI) runs it
+@pytest.mark.slow
+@pytest.mark.soak  # past CI's budget (make test-soak): a full dvc exp run
 def test_experiment_with_changed_lr(project: Path, tmp_path: Path) -> None:
     proj = _copy(project, tmp_path / "proj")
     out = dvc(proj, "exp", "run", "-S", "train.lr=0.02").stdout

@@ -416,7 +416,8 @@ def _trained_six(proj: Path) -> list[dict]:
 
 
 @pytest.mark.e2e
-@pytest.mark.slow  # `make test-slow` (and CI) runs it: a minute under a CPU load
+@pytest.mark.slow
+@pytest.mark.soak  # past CI's budget (make test-soak): two minutes under a CPU load
 def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj, cpu_load):
     with temporary_settings(updates={PREFECT_API_URL: server}):
         first, newcomers, train = _overlap(server, proj, "skip")
@@ -439,7 +440,8 @@ def test_overlapping_scheduled_runs_skip_the_newcomer(server, proj, cpu_load):
 
 
 @pytest.mark.e2e
-@pytest.mark.slow  # `make test-slow` (and CI) runs it: a minute under a CPU load
+@pytest.mark.slow
+@pytest.mark.soak  # past CI's budget (make test-soak): two minutes under a CPU load
 def test_overlapping_scheduled_runs_queue_the_newcomer(server, proj, cpu_load):
     with temporary_settings(updates={PREFECT_API_URL: server}):
         first, newcomers, train = _overlap(server, proj, "queue")

@@ -307,7 +307,8 @@ LONG = ["train.iterations=24", "train.checkpoint_interval=2", "train.val_interva
         "train.log_every=2"]  # fmt: skip
 
 
-@pytest.mark.slow  # minutes: `make test-slow` (and CI) runs it
+@pytest.mark.slow
+@pytest.mark.soak  # past CI's budget (make test-soak): 5 min here, eight runs
 def test_every_run_is_an_experiment_of_exactly_its_params_on_either_host(
     team, server, s3, tmp_path_factory
 ):
@@ -457,7 +458,8 @@ def test_a_commit_that_changes_code_is_the_code_the_next_run_runs(team, server):
     assert not list(team.a.path.glob(".dvc/tmp/seg/runs/*"))
 
 
-@pytest.mark.slow  # `make test-slow` (and CI) runs it
+@pytest.mark.slow
+@pytest.mark.soak  # past CI's budget (make test-soak): 2.5 min here
 def test_a_run_that_lost_its_slot_stops_itself_and_nothing_stored_is_overwritten(team, server, s3):
     """Run 1 trains on host A; the server marks it Crashed while it is alive (as the
     heartbeat automation does after a stall), which frees the deployment's slot; run 2 of
@@ -729,7 +731,8 @@ def _preprocess_into(s3: S3Server, bucket: str, tmp_path: Path, monkeypatch, ste
 # ----------------------------------------------------------------------------- a sweep
 
 
-@pytest.mark.slow  # minutes: `make test-slow` (and CI) runs it
+@pytest.mark.slow
+@pytest.mark.soak  # past CI's budget (make test-soak): 5 min here, a 2x2 grid on two hosts
 def test_a_grid_sweep_on_two_workers_survives_a_lost_worker_and_a_killed_sweep(
     team, server, postgres, s3
 ):

@@ -30,7 +30,8 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from test_dvc import _env, _new_project, dvc, git
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# four scheduled runs through the gate: 6.5 min here, past CI's budget (make test-soak)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.soak]
 
 BIN = Path(sys.executable).parent
 # the learned recipe at half its steps (150): a run learns in seconds; run 3 doubles it
