@@ -25,13 +25,23 @@ from stages.dvc_stages import (
 
 @task(name="save-experiment", **TASK_OPTS)
 def save_experiment(
-    root: str, name: str | None = None, limit: float = runs.Limits.dvc, stages: list | None = None
+    root: str,
+    name: str | None = None,
+    limit: float = runs.Limits.dvc,
+    stages: list | None = None,
+    untracked: bool = False,
 ) -> str:
-    """`dvc exp save [-n NAME] [STAGE...]`: the workspace's params, metrics and outputs as an
-    experiment; returns its name. With `stages`, only theirs are committed: a run's workspace
-    has no outputs of the stages it did not run (a pruned trial's evaluate), and DVC refuses
-    to save a stage whose outputs are missing."""
-    args = ["exp", "save", *(["--name", name] if name else []), *(stages or [])]
+    """`dvc exp save [-n NAME] [-I FILE...] [STAGE...]`: the workspace's params, metrics and
+    outputs as an experiment; returns its name. With `stages`, only theirs are committed: a
+    run's workspace has no outputs of the stages it did not run (a pruned trial's evaluate),
+    and DVC refuses to save a stage whose outputs are missing. `untracked` (a run's own
+    workspace, never your clone): the files git neither tracks nor ignores go in too, i.e. the
+    stages' `cache: false` metrics and plots, which a commit made before they existed does not
+    track (`dvc exp save` leaves untracked files out)."""
+    found = runs.git(root, "ls-files", "--others", "--exclude-standard", limit=limit,
+                     what="git ls-files").splitlines() if untracked else []  # fmt: skip
+    include = [a for f in found if not f.startswith(".dvc/") for a in ("-I", f)]
+    args = ["exp", "save", *(["--name", name] if name else []), *include, *(stages or [])]
     done = runs.call(
         dvc_command(*args), root, limit,
         "dvc exp save", "dvc", env=dvc_env(), check=False,

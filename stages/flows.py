@@ -233,7 +233,7 @@ def _run_in_workspace(
     run["reused"] = reused
     out["pruned"] = _pruned_at(results)
     ran = [r["stage"] for r in results]  # up to date, ran or pruned: the stages it has outputs of
-    out["experiment"] = save_experiment(workspace, name, lim.dvc, ran)
+    out["experiment"] = save_experiment(workspace, name, lim.dvc, ran, untracked=True)
     push_experiment(workspace, "origin", name, outputs=dvc_remote is not None, limit=lim.dvc)
     if "evaluate" in planned and out["pruned"] is None:
         out.update(publish_metrics(workspace, evaluated="evaluate" in _ran(results)))
