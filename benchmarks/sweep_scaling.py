@@ -75,7 +75,7 @@ def project(root: Path, iterations: int, env: dict) -> Path:
                         checkpoint_interval=iterations, amp="off", workers=0)  # fmt: skip
     raw["evaluate"].update(amp="off", workers=0)
     (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    for cmd in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"],
+    for cmd in (["git", "init", "-q", "-b", "main"],  # .dvc/ came with the checkout's files
                 ["dvc", "config", "core.analytics", "false"],
                 ["dvc", "repro", "synth", "preprocess@train", "preprocess@val"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "demo data"]):  # fmt: skip
