@@ -103,11 +103,18 @@ def worker_args(
     return [*args, *extra]
 
 
-def train_args(params: Path | str, overrides: Sequence[str] | None, resume: str) -> list[str]:
+def train_args(
+    params: Path | str,
+    overrides: Sequence[str] | None,
+    resume: str,
+    precision_change: bool = False,
+) -> list[str]:
     """`seg train` for each worker; `resume` is a stages.resume.Resume value."""
     flag = {"auto": ["--auto-resume"], "continue": ["--resume"]}.get(
         getattr(resume, "value", resume), []
     )
+    if precision_change:
+        flag.append("--allow-precision-change")
     return worker_args("train", params, overrides, *flag)
 
 

@@ -150,6 +150,7 @@ def train(
     stop_after: int | None = None,
     fold: int | None = None,
     say: Callable[[str], object] | None = None,
+    precision_change: bool = False,
 ) -> dict:
     """Train on the train shards, validating on the val shards; rank 0 writes checkpoints,
     the training log and summary.json. `fold` k: train on the training split outside fold k,
@@ -195,7 +196,7 @@ def train(
         result = train(
             p.train, train_src, val_src, out, get_spec(p.data.dataset), class_counts=counts,
             resume=plan.checkpoint or False, callbacks=logger or Callbacks(),
-            stop_after=stop_after,
+            stop_after=stop_after, precision_change=precision_change,
         )  # fmt: skip
     except BaseException:
         if logger is not None:  # the training's error (a full disk) is the one to report

@@ -130,7 +130,7 @@ def _file_hash(path: Path, algo: str) -> str:
     return hashlib.new(algo, path.read_bytes()).hexdigest()
 
 
-STAGES = ("synth", "preprocess@train", "preprocess@val", "train", "evaluate")
+STAGES = ("synth", "preprocess@train", "preprocess@val", "train", "evaluate")  # + working_point
 
 
 @pytest.fixture(scope="module")
@@ -189,17 +189,96 @@ def test_repro_writes_metrics_with_provenance(project: Path) -> None:
     assert (live / "plots" / "metrics" / "val" / "miou.tsv").is_file()
 
 
+# what `dvc status --json` says of a project whose results are all current: the
+# working_point stage runs at every repro (always_changed), and only it
+CURRENT = {"working_point": ["always changed"]}
+
+
 def test_second_repro_runs_nothing(project: Path) -> None:
     before = (project / "dvc.lock").read_text()
-    out = dvc(project, "repro").stdout
-    assert "Running stage" not in out, out
+    done = dvc(project, "repro")
+    out = done.stdout
+    # the working point is asked again (same machine: its files are not rewritten)
+    assert [line for line in out.splitlines() if line.startswith("Running stage")] == [
+        "Running stage 'working_point':"
+    ], out
+    said = done.stderr  # seg's lines
+    assert "outputs/working_point/train.json: {" in said and "(unchanged)" in said, said
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in out, out
-    assert "Data and pipelines are up to date." in out, out
     assert (project / "dvc.lock").read_text() == before
-    assert dvc(project, "status").stdout.strip() == "Data and pipelines are up to date."
-    assert json.loads(dvc(project, "status", "--json").stdout) == {}
+    assert json.loads(dvc(project, "status", "--json").stdout) == CURRENT
     assert git(project, "status", "--porcelain") == ""
+
+
+# A CPU the engine sees in a `seg` process instead of this one (its flags and torch's kernel
+# level, as tests/test_working_point.py's known_cpu): there is no second kind of machine here.
+_CPU_SHIM = """
+import os, sys
+cpu = os.environ.get("SEG_TEST_CPU")
+if cpu:
+    import importlib.abc, importlib.util
+
+    class _Cpu(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != "pipeline.engine.device":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                flags, capability = cpu.split(":")
+                module._cpu_flags = lambda: set(flags.split(","))
+                module.torch.backends.cpu.get_cpu_capability = lambda: capability
+                module.platform.machine = lambda: "x86_64"
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _Cpu())
+"""
+ZEN2 = "avx2:AVX2"  # AVX2 only: amp auto is fp32
+ZEN4 = "avx2,avx512f,avx512_bf16:AVX512"  # native bf16: amp auto is bf16
+
+
+def test_a_machine_where_amp_auto_resolves_otherwise_makes_train_stale(
+    project: Path, tmp_path: Path
+) -> None:
+    proj = _copy(project, tmp_path / "proj")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_CPU_SHIM)
+
+    def on(cpu: str, *args: str) -> subprocess.CompletedProcess:
+        env = {**_env(tmp_path / "home"), "PYTHONPATH": str(shim), "SEG_TEST_CPU": cpu}
+        env.pop("ONEDNN_MAX_CPU_ISA", None)
+        done = subprocess.run([DVC, *args], cwd=proj, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    # params.yaml's `amp: auto` (the fixture trained with `off`): on an AVX2-only machine it
+    # is the same fp32, so the results are recorded for it without training again
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    raw["train"]["amp"] = raw["evaluate"]["amp"] = "auto"
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert "(unchanged)" in on(ZEN2, "repro", "params", "working_point").stderr
+    on(ZEN2, "commit", "-f", "train", "evaluate")
+    assert json.loads(on(ZEN2, "status", "--json").stdout) == CURRENT
+
+    # the same commit and params on a machine with native bf16: train and evaluate are stale
+    said = on(ZEN4, "repro", "working_point").stderr
+    assert '"precision": "bf16"' in said and "(unchanged)" not in said, said
+    stale = json.loads(on(ZEN4, "status", "--json").stdout)
+    point = "outputs/working_point/{}.json"
+    assert stale["train"] == [{"changed deps": {point.format("train"): "modified"}}], stale
+    assert stale["evaluate"] == [{"changed deps": {point.format("evaluate"): "modified"}}]
+    assert set(stale) == {"working_point", "train", "evaluate"}, stale
+    # back on the first kind of machine nothing is stale again
+    on(ZEN2, "repro", "working_point")
+    assert json.loads(on(ZEN2, "status", "--json").stdout) == CURRENT
 
 
 def test_metrics_and_plots_show(project: Path, tmp_path: Path) -> None:

@@ -51,9 +51,10 @@ from stages.cli import app
 
 BIN = Path(sys.executable).parent
 # dvc.yaml's stages in graph order (the k-fold ones run and write "off" files with folds: 0)
-STAGES = ["params", "synth", "preprocess@train", "preprocess@val", "train", "evaluate"]
-STAGES += ["kfold_split", "kfold_summary"]
-TRAIN_PLAN = ["synth", "preprocess@train", "preprocess@val", "train"]  # `seg flow train`
+STAGES = ["params", "working_point", "synth", "preprocess@train", "preprocess@val", "train"]
+STAGES += ["evaluate", "kfold_split", "kfold_summary"]
+# `seg flow train`
+TRAIN_PLAN = ["working_point", "synth", "preprocess@train", "preprocess@val", "train"]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -117,7 +118,8 @@ def _fingerprint(path: Path) -> tuple:
 def _assert_consistent(proj: Path, stale: tuple[str, ...] = ()) -> None:
     """`dvc status` is clean but for the `stale` stages (not run: not asked for), and the
     outputs are the ones dvc.lock records."""
-    assert set(json.loads(dvc(proj, "status", "--json").stdout)) == set(stale)
+    # working_point: always changed (it runs at every repro), and nothing else
+    assert set(json.loads(dvc(proj, "status", "--json").stdout)) == {"working_point", *stale}
     for out in ("outputs/train/best.pt", "outputs/train/last.pt"):
         assert _md5(proj / out) == _lock_md5(proj, out), out
     if "evaluate" in stale:
@@ -509,7 +511,8 @@ def test_changed_param_reruns_train_and_evaluate_as_an_experiment(server, proj):
             artifacts = _artifacts(client, run.id)
     # only train and evaluate reran (and `params`, the check of params.yaml itself)
     assert table == {
-        "params": "ran", "synth": "up to date", "preprocess@train": "up to date",
+        "params": "ran", "working_point": "up to date", "synth": "up to date",
+        "preprocess@train": "up to date",
         "preprocess@val": "up to date", "train": "ran", "evaluate": "ran",
         "kfold_split": "up to date", "kfold_summary": "up to date",
     }  # fmt: skip
@@ -735,7 +738,7 @@ def test_flow_trains_on_several_processes_when_the_stage_command_says_so(server,
     stale = json.loads(dvc(proj, "status", "--json").stdout)
     # not asked for, as with `dvc repro train`: evaluate (its checkpoint changed) and the
     # params check (params.yaml changed)
-    assert set(stale) == {"params", "evaluate"}, stale
+    assert set(stale) == {"params", "evaluate", "working_point"}, stale
 
 
 @pytest.mark.parametrize(

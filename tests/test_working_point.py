@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_frame
+from conftest import make_project, write_frame
 from typer.testing import CliRunner
 
 from pipeline.data.readers import TrainStream
@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 from stages.cli import app
 
 CPU = torch.device("cpu")
+runner = CliRunner()
 # what oneDNN and ATen run at on an AVX2-only CPU (no AVX-512, no native bf16)
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
@@ -73,6 +74,45 @@ def test_auto_on_cpu_is_bf16_only_where_the_cpu_has_it(known_cpu, cpu):
     prec = dev.precision("auto", CPU)
     assert (prec.name, prec.why, prec.scaler) == (name, why, False)
     assert prec.dtype == {"bf16": torch.bfloat16, "fp32": None}[name]
+
+
+def test_a_resume_onto_another_precision_is_refused_unless_allowed(
+    known_cpu, tmp_path, monkeypatch
+):
+    """Killed on a host with native bf16 (amp: auto: bf16), resumed where auto is fp32: `seg
+    train --auto-resume` refuses in one line and leaves last.pt as it was; allowed (the env
+    var dvc repro passes on, or --allow-precision-change), it goes on in fp32 and the
+    checkpoint's working point records where the precision changed. (One bf16 step: bf16
+    autocast is 10-100x slower than fp32 on an AVX2-only CPU.)"""
+    from pipeline.engine import checkpoint
+    from stages import steps
+
+    zen4, zen2 = KNOWN_CPUS["Zen 4"], KNOWN_CPUS["Zen 2 (AVX2 only)"]
+    proj = make_project(tmp_path / "p", **{"train.amp": "auto", "train.iterations": 2,
+                                          "train.checkpoint_interval": 1})  # fmt: skip
+    monkeypatch.chdir(proj)
+    known_cpu(*zen4[:2])
+    steps.train(steps.load("params.yaml"), stop_after=1)
+    last = proj / "outputs/train/last.pt"
+    assert checkpoint.load(last)["working_point"]["precision"] == "bf16"
+    before = last.read_bytes()
+
+    known_cpu(*zen2[:2])
+    refused = runner.invoke(app, ["train", "--auto-resume"])
+    assert refused.exit_code == 1, refused.output
+    (line,) = [ln for ln in refused.output.splitlines() if ln.startswith("error: ")]
+    assert "trained in bf16 up to step 1; here amp: auto resolves to fp32" in line, line
+    assert "--allow-precision-change" in line and last.read_bytes() == before
+
+    allowed = runner.invoke(app, ["train", "--auto-resume"],
+                            env={"SEG_ALLOW_PRECISION_CHANGE": "1"})  # fmt: skip
+    assert allowed.exit_code == 0, allowed.output
+    ckpt = checkpoint.load(last)
+    assert ckpt["working_point"]["precision"] == "fp32" and ckpt["step"] == 2
+    (change,) = ckpt["working_point"]["precision_changes"]
+    assert (change["step"], change["from"], change["to"]) == (1, "bf16", "fp32")
+    summary = json.loads((proj / "outputs/train/summary.json").read_text())
+    assert summary["working_point"]["precision_changes"] == [change]
 
 
 def test_a_onednn_cap_below_bf16_keeps_auto_at_fp32(known_cpu, monkeypatch):

@@ -202,6 +202,23 @@ def working_point(device: torch.device, prec: Precision, **extra) -> dict:
     return point
 
 
+def decisive_point(
+    device: str, amp: str, compile: bool | str | None = None, channels_last: bool | None = None
+) -> dict:
+    """What a stage's `device`, `amp` (and `compile`, `channels_last`) resolve to on this
+    machine: the part of the working point that changes a result, without the reasons or the
+    GPU's name (two cards that both compute bf16 natively train alike). The working_point
+    stage writes it to a file the train and evaluate stages depend on: DVC hashes files, not
+    what `amp: auto` will become (stages/steps.py write_working_point)."""
+    dev = resolve_device(device)
+    point = {"device": dev.type, "precision": precision(amp, dev, warn=False).name}
+    if compile is not None:
+        point["compile"] = compile_enabled(compile, dev)
+    if channels_last is not None:
+        point["channels_last"] = bool(channels_last) and dev.type == "cuda"
+    return point
+
+
 @contextmanager
 def cudnn_autotune(enabled: bool) -> Iterator[None]:
     """cuDNN's autotuner (torch.backends.cudnn.benchmark) on or off inside the block. Training

@@ -89,10 +89,13 @@ def train(
     resume: bool | Path | str = False,
     callbacks: Callbacks | None = None,
     stop_after: int | None = None,
+    precision_change: bool = False,
 ) -> dict:
     """Train; returns {"step", "best_miou", "best_checkpoint", "last_checkpoint", "best_k",
     "history"}. `resume` continues `out_dir/last.pt` (True) or the checkpoint at that path
-    (the stage layer's fallback: last-prev.pt); it must exist and fit the params.
+    (the stage layer's fallback: last-prev.pt); it must exist and fit the params. A resume
+    onto another precision than the checkpoint's (`amp: auto` on another kind of host) is
+    refused unless `precision_change`; the working point's `precision_changes` records it.
 
     `stop_after` ends the run after that step as if it had been killed right after a
     checkpoint (used to test resuming).
@@ -115,6 +118,7 @@ def train(
     loss_fn = _loss(tp, spec, class_counts, device)
     optimizer = build_optimizer(tp, list(model.parameters()), device)
     prec = precision(tp.amp, device)
+    changes = _precision_changes(ckpt, prec, start, resume_from, tp.amp, precision_change)
     amp_dtype = prec.dtype
     scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
     best: list[dict] = []  # [{"miou", "step", "path"}], best first
@@ -135,7 +139,7 @@ def train(
     frozen_bn = _bn_frozen(tp, model)
     point = working_point(
         device, prec, compile=compiled, channels_last=channels_last, world_size=world,
-        sync_bn=sync_bn, loader_workers=tp.workers,
+        sync_bn=sync_bn, loader_workers=tp.workers, precision_changes=changes,
     )  # fmt: skip
     check_same_working_point(point)  # before the first step: nodes that would train apart
 
@@ -557,6 +561,31 @@ def _snapshot(out_dir: Path, entry: dict) -> Path:
     """A best-k entry's file: its name in `out_dir`, wherever the run was when it wrote it
     (entries hold the name only; older checkpoints hold a path)."""
     return out_dir / Path(entry["path"]).name
+
+
+def _precision_changes(
+    ckpt: dict | None, prec, start: int, path: Path | None, amp: str, allowed: bool
+) -> list[dict]:
+    """The run's precision changes so far, plus this resume's when it changes the precision
+    (refused in one line unless `allowed`): a run that trained in bf16 and goes on in fp32
+    (or fp16 with a GradScaler) is no longer the run its params describe."""
+    if ckpt is None:
+        return []
+    before = ckpt.get("working_point") or {}
+    changes = list(before.get("precision_changes") or [])
+    old = before.get("precision")
+    if old is None or old == prec.name:
+        return changes
+    if not allowed:
+        raise ConfigError(
+            f"{path}: trained in {old} up to step {start}; here amp: {amp} resolves to "
+            f"{prec.name} ({prec.why}): resuming would change the precision mid-run. Continue "
+            "it anyway with `seg train --allow-precision-change` (SEG_ALLOW_PRECISION_CHANGE=1 "
+            "for dvc repro; the checkpoint records it) or start a new run (`seg train`)"
+        )
+    log.warning("resumed at step %d in %s, trained in %s up to there (%s): recorded in the "
+                "working point's precision_changes", start, prec.name, old, prec.why)  # fmt: skip
+    return [*changes, {"step": start, "from": old, "to": prec.name, "why": prec.why}]
 
 
 # what every process of one run must have resolved alike: the numbers they compute together

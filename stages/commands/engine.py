@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from pipeline.errors import SegError
-from stages.commands.options import ParamsOpt, SetOpt
+from stages.commands.options import ParamsOpt, PrecisionChangeOpt, SetOpt
 from stages.errors import cli_errors
 
 # `seg train`'s exit code for a trial its sweep's pruner stopped: DVC records no result, the
@@ -78,6 +78,7 @@ def train(
     node_rank: NodeRankOpt = 0,
     master_addr: MasterAddrOpt = None,
     master_port: MasterPortOpt = None,
+    allow_precision_change: PrecisionChangeOpt = False,
 ) -> None:
     """Train DeepLabV3/V3+ on the training shards, validating and checkpointing as it goes."""
     from pipeline.engine import distributed
@@ -88,7 +89,8 @@ def train(
     mode = steps.Resume.from_flags(resume, auto_resume)
     if (gpus or nnodes > 1) and not distributed.in_worker():
         topo = launch.Topology(max(gpus, 1), nnodes, node_rank, master_addr, master_port)
-        _torchrun(topo, launch.train_args(params, set_, mode), p.train.device, "train.device")
+        args = launch.train_args(params, set_, mode, allow_precision_change)
+        _torchrun(topo, args, p.train.device, "train.device")
         return
     from stages.sweep import Pruned
 
@@ -97,9 +99,10 @@ def train(
             launch.check_same_params(p)  # nodes with other params.yaml: one line, no training
             if rank == 0:
                 with progress_bar("train", "loss", "lr", "img_s") as update:
-                    summary = steps.train(p, resume=mode, sink=_RichProgress(update), say=say)
+                    summary = steps.train(p, resume=mode, sink=_RichProgress(update), say=say,
+                                          precision_change=allow_precision_change)  # fmt: skip
             else:
-                summary = steps.train(p, resume=mode)
+                summary = steps.train(p, resume=mode, precision_change=allow_precision_change)
     except Pruned as exc:  # a sweep's trial stopped early: not an error, not a finished model
         if rank == 0:
             console.print(str(exc), highlight=False, soft_wrap=True)

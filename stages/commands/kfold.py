@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from stages.commands.engine import _print_metrics, _RichProgress, say
-from stages.commands.options import ParamsOpt, SetOpt
+from stages.commands.options import ParamsOpt, PrecisionChangeOpt, SetOpt
 from stages.errors import cli_errors
 
 kfold_app = typer.Typer(
@@ -90,6 +90,7 @@ def train(
             help="Continue last.pt if it is an unfinished run of the same params and folds."
         ),
     ] = False,
+    allow_precision_change: PrecisionChangeOpt = False,
 ) -> None:
     """Train on the training split outside fold FOLD, validating on fold FOLD."""
     from stages import steps
@@ -98,7 +99,8 @@ def train(
     p = steps.load(params, set_)
     mode = steps.Resume.from_flags(resume, auto_resume)
     with progress_bar(f"fold {fold}", "loss", "lr", "img_s") as update:
-        summary = steps.train(p, resume=mode, sink=_RichProgress(update), fold=fold, say=say)
+        summary = steps.train(p, resume=mode, sink=_RichProgress(update), fold=fold, say=say,
+                              precision_change=allow_precision_change)  # fmt: skip
     console.print(
         f"fold {fold}: done at step {summary['step']}; checkpoints in {steps.fold_dir(p, fold)}/train"
     )

@@ -23,3 +23,14 @@ FlowSetOpt = _set_option(
     "`dvc exp run -S` does; a deployment: its runs' overrides, applied in each run's own "
     "workspace."
 )
+
+PrecisionChangeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-precision-change",
+        envvar="SEG_ALLOW_PRECISION_CHANGE",
+        help="Let a resume continue in another precision than its checkpoint's (amp: auto "
+        "on another kind of host); the checkpoint's working point records it. Refused "
+        "without it.",
+    ),
+]

@@ -1,4 +1,5 @@
-"""`seg recipe NAME --root DIR`: switch params.yaml to a named recipe in one line."""
+"""`seg recipe NAME --root DIR`: switch params.yaml to a named recipe in one line; `seg params`
+checks it; `seg working-point` writes what its device and amp resolve to on this machine."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 def register(app: typer.Typer) -> None:
     app.command()(recipe)
     app.command()(params)
+    app.command("working-point")(working_point)
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -85,3 +87,21 @@ def params(
     if show:
         typer.echo(yaml.safe_dump(p.to_dict(), sort_keys=False))
     console.print(f"{file}: ok (params hash {params_hash(p)[:12]})")
+
+
+@cli_errors
+def working_point(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Write what the stages' device and amp resolve to on this machine (outputs/working_point/):
+    the working_point stage, run by every `dvc repro`; the train and evaluate stages depend on
+    it, so a machine where `amp: auto` resolves otherwise makes them stale."""
+    import json
+
+    from stages import steps, working_point
+    from stages.progress import console
+
+    p = steps.load(params, set_)
+    for name, was in working_point.write(p).items():
+        path = working_point.folder(p) / name
+        point = json.dumps(json.loads(path.read_text()))
+        console.print(f"{path}: {point}" + ("" if was else " (unchanged)"), highlight=False,
+                      soft_wrap=True)  # fmt: skip
