@@ -274,7 +274,10 @@ FOLD_STAGES = ("kfold_train@0", "kfold_train@1", "kfold_eval@0", "kfold_eval@1",
 
 
 @pytest.mark.e2e
-@pytest.mark.slow  # a minute of dvc repro per fold: `make test-slow` (and CI) runs it
+@pytest.mark.slow
+# past CI's budget (make test-soak): two minutes of dvc repro; CI's test_dvc_deps runs the
+# k-fold stages through `dvc repro` too, once
+@pytest.mark.soak
 def test_dvc_repro_runs_every_fold_and_reruns_them_all_on_a_param_change(tmp_path):
     import yaml
     from test_dvc import _new_project, dvc, git
