@@ -40,7 +40,8 @@ def save_experiment(
     track (`dvc exp save` leaves untracked files out)."""
     found = runs.git(root, "ls-files", "--others", "--exclude-standard", limit=limit,
                      what="git ls-files").splitlines() if untracked else []  # fmt: skip
-    include = [a for f in found if not f.startswith(".dvc/") for a in ("-I", f)]
+    keep = [f for f in found if not f.startswith(".dvc/") and f != runs.LOCK_NAME]
+    include = [a for f in keep for a in ("-I", f)]
     args = ["exp", "save", *(["--name", name] if name else []), *include, *(stages or [])]
     done = runs.call(
         dvc_command(*args), root, limit,

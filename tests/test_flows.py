@@ -325,6 +325,9 @@ def test_scheduled_run_with_nothing_changed_skips_every_stage(server, proj):
     # the run is an experiment of the project's commit, with its params
     (exp,) = _experiments(proj).values()
     assert exp["params"] == yaml.safe_load((proj / "params.yaml").read_text())
+    (ref,) = git(proj, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    files = git(proj, "ls-tree", "-r", "--name-only", ref).split()
+    assert ".seg-run.lock" not in files  # the workspace's liveness lock is not a result
 
 
 @pytest.fixture
