@@ -284,7 +284,8 @@ def test_scheduled_run_with_nothing_changed_skips_every_stage(server, proj):
     ckpt = {name: _fingerprint(proj / "outputs/train" / name) for name in ("last.pt", "best.pt")}
     lock = (proj / "dvc.lock").read_text()
     before = _project_state(proj)
-    serve = _serve(proj, server, "idle")
+    # every 30 s: the first run (~10-15 s here) is stopped before the next one is due
+    serve = _serve(proj, server, "idle", cron="* * * * * */30")
     try:
         with temporary_settings(updates={PREFECT_API_URL: server}):
             with get_client(sync_client=True) as client:

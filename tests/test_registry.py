@@ -56,7 +56,7 @@ def _version(proj: Path, data_from: Path, weights_from: Path, message: str) -> s
     commit the outputs with DVC, push them to the DVC remote and the commit to origin."""
     from dvc.repo import Repo
 
-    from stages import steps
+    from stages import steps, working_point
 
     for folder in ("data", "outputs/train"):
         shutil.rmtree(proj / folder, ignore_errors=True)
@@ -65,6 +65,7 @@ def _version(proj: Path, data_from: Path, weights_from: Path, message: str) -> s
     shutil.copy2(data_from / "params.yaml", proj / "params.yaml")
     with gate._cwd(proj), Repo(str(proj)) as repo:  # DVC reads targets from the cwd
         steps.evaluate(steps.load("params.yaml"), history=False)
+        working_point.write(steps.load("params.yaml"))  # the working_point stage's files
         repo.commit("evaluate", with_deps=True, force=True)
         repo.push()
     _git(proj, "add", "-A")
