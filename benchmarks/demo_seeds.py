@@ -13,35 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from sweep_scaling import BIN, REPO, free_port, sh, start, stop
-
-
-def project(root: Path, amp: str, env: dict) -> Path:
-    proj = root / "proj"
-    proj.mkdir()
-    listed = sh(["git", "ls-files", "-co", "--exclude-standard"], REPO, env).split("\n")
-    for name in filter(None, listed):
-        src = REPO / name
-        if src.is_file() and not name.startswith(("docs/", "benchmarks/results")):
-            (proj / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, proj / name)
-    raw = yaml.safe_load((proj / "params.yaml").read_text())
-    raw["train"]["amp"] = raw["evaluate"]["amp"] = amp
-    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    for cmd in (["git", "init", "-q", "-b", "main"],  # .dvc/ came with the checkout's files
-                [str(BIN / "dvc"), "repro", "synth", "preprocess@train", "preprocess@val"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "demo data"]):  # fmt: skip
-        sh(cmd, proj, env)
-    return proj
+from sweep_scaling import BIN, bench_env, machine, prefect_server, project, report, sh, stop
 
 
 def main() -> None:
@@ -50,29 +25,10 @@ def main() -> None:
     ap.add_argument("--amp", default="off", help="off (fp32) | auto | bf16")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="seg-demo-seeds-"))
-    home = root / "home"
-    home.mkdir()
-    (home / ".gitconfig").write_text("[user]\n\tname = b\n\temail = b@b\n")
-    port = free_port()
-    env = {**os.environ, "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
-    env.pop("PYTHONPATH", None)
-    server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                    "--port", str(port), "--no-ui"], root, env, root / "server.log")  # fmt: skip
+    root, env = bench_env("seg-demo-seeds-")
+    server = prefect_server(root, env, root / "server.log")
     try:
-        import httpx
-
-        for _ in range(240):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except Exception:
-                pass
-            time.sleep(0.5)
-        proj = project(root, args.amp, env)
+        proj = project(root, env, {"amp": args.amp}, {"amp": args.amp})
         t0 = time.monotonic()
         sh([str(BIN / "seg"), "sweep", "demo-seeds", "--local", "-S",
             f"train.seed={args.seeds}"], proj, env, timeout=6 * 3600)  # fmt: skip
@@ -85,17 +41,10 @@ def main() -> None:
     miou = {r["overrides"]: r["val_miou"] for r in rows}
     values = [v for v in miou.values() if v is not None]
     low, spread = min(values), max(values) - min(values)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
-                  if ln.startswith("Model name")), "?")  # fmt: skip
-    flags = next((ln for ln in cpu.splitlines() if ln.startswith("Flags")), "")
     pct = 100 if max(values) <= 1 else 1  # val_miou as a fraction or in points
     lines = [
         f"# The demo over training seeds ({time.strftime('%Y-%m-%d')})", "",
-        f"Machine: {model}, {os.cpu_count()} cores, "
-        f"{'AVX-512' if 'avx512f' in flags else 'AVX2 only'}"
-        f"{', native bf16' if 'avx512_bf16' in flags or 'amx_bf16' in flags else ''}; "
-        f"torch {__import__('torch').__version__}; amp: {args.amp}.",
+        f"Machine: {machine()}; torch {__import__('torch').__version__}; amp: {args.amp}.",
         f"Command: `python benchmarks/demo_seeds.py --seeds {args.seeds} --amp {args.amp}`", "",
         "| trial | val mIoU (%) |", "| --- | --- |",
         *[f"| `{k}` | {pct * v:.1f} |" for k, v in sorted(miou.items()) if v is not None],
@@ -103,11 +52,7 @@ def main() -> None:
         f"{len(values)} seeds (goal: every seed >= 50 %, spread <= 3 points); "
         f"{took / 60:.1f} min for the sweep ({took / 60 / max(len(values), 1):.1f} min a seed).",
     ]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    shutil.rmtree(root, ignore_errors=True)
+    report(lines, args.out, root)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def project(root: Path, iterations: int, env: dict) -> Path:
+def project(root: Path, env: dict, train: dict, evaluate: dict) -> Path:
+    """This checkout's files in `root`/proj, params.yaml's train and evaluate sections updated,
+    a git repository with the demo's data made by DVC and committed."""
     proj = root / "proj"
     proj.mkdir()
     listed = sh(["git", "ls-files", "-co", "--exclude-standard"], REPO, env).split("\n")
@@ -71,20 +73,77 @@ def project(root: Path, iterations: int, env: dict) -> Path:
             (proj / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, proj / name)
     raw = yaml.safe_load((proj / "params.yaml").read_text())
-    raw["train"].update(iterations=iterations, val_interval=iterations,
-                        checkpoint_interval=iterations, amp="off", workers=0)  # fmt: skip
-    raw["evaluate"].update(amp="off", workers=0)
+    raw["train"].update(train)
+    raw["evaluate"].update(evaluate)
     (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for cmd in (["git", "init", "-q", "-b", "main"],  # .dvc/ came with the checkout's files
-                ["dvc", "config", "core.analytics", "false"],
-                ["dvc", "repro", "synth", "preprocess@train", "preprocess@val"],
+                [str(BIN / "dvc"), "repro", "synth", "preprocess@train", "preprocess@val"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "demo data"]):  # fmt: skip
-        sh([str(BIN / cmd[0]) if cmd[0] in ("dvc",) else cmd[0], *cmd[1:]], proj, env)
-    origin = root / "origin.git"
-    sh(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root, env)
+        sh(cmd, proj, env)
+    return proj
+
+
+def with_origin(proj: Path, env: dict) -> Path:
+    """A bare origin beside the project, its main pushed there."""
+    origin = proj.parent / "origin.git"
+    sh(["git", "init", "-q", "--bare", "-b", "main", str(origin)], proj.parent, env)
     sh(["git", "remote", "add", "origin", f"file://{origin}"], proj, env)
     sh(["git", "push", "-q", "-u", "origin", "main"], proj, env)
     return proj
+
+
+def bench_env(prefix: str) -> tuple[Path, dict]:
+    """A temporary root with its own HOME, PREFECT_HOME and git identity; the environment
+    for a `prefect server` on a free port of 127.0.0.1 and this venv's commands."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    home = root / "home"
+    home.mkdir()
+    (home / ".gitconfig").write_text("[user]\n\tname = b\n\temail = b@b\n")
+    env = {**os.environ, "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    env.pop("PYTHONPATH", None)
+    return root, env
+
+
+def prefect_server(root: Path, env: dict, log: Path) -> subprocess.Popen:
+    """`prefect server start` at env's PREFECT_API_URL, once it answers /health."""
+    import httpx
+
+    url = env["PREFECT_API_URL"]
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                    "--port", port, "--no-ui"], root, env, log)  # fmt: skip
+    for _ in range(240):
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(server)
+    raise SystemExit(f"prefect server did not answer at {url} in 2 minutes: {log}")
+
+
+def report(lines: list[str], out: Path | None, root: Path) -> None:
+    """Print the markdown report, write it to `out` (if given), remove the temporary root."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.write_text(text)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def machine() -> str:
+    """`lscpu`'s model name, the cores, and whether AVX-512 and native bf16 are there."""
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
+                  if ln.startswith("Model name")), "?")  # fmt: skip
+    flags = next((ln for ln in cpu.splitlines() if ln.startswith("Flags")), "")
+    bf16 = ", native bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else ""
+    return (f"{model}, {os.cpu_count()} cores, "
+            f"{'AVX-512' if 'avx512f' in flags else 'AVX2 only'}{bf16}")  # fmt: skip
 
 
 def sweep(proj: Path, env: dict, name: str, workers: int, logs: Path) -> tuple[float, dict]:
@@ -113,43 +172,23 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="seg-sweep-bench-"))
-    home = root / "home"
-    home.mkdir()
-    (home / ".gitconfig").write_text("[user]\n\tname = b\n\temail = b@b\n")
-    port = free_port()
-    env = {**os.environ, "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
-    env.pop("PYTHONPATH", None)
+    root, env = bench_env("seg-sweep-bench-")
     logs = root / "logs"
     logs.mkdir()
-    server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                    "--port", str(port), "--no-ui"], root, env, logs / "server.log")  # fmt: skip
+    server = prefect_server(root, env, logs / "server.log")
     try:
-        for _ in range(240):
-            try:
-                import httpx
-
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except Exception:
-                pass
-            time.sleep(0.5)
-        proj = project(root, args.iterations, env)
+        n = args.iterations
+        train = dict(iterations=n, val_interval=n, checkpoint_interval=n, amp="off", workers=0)
+        proj = with_origin(project(root, env, train, dict(amp="off", workers=0)), env)
         sh([str(BIN / "prefect"), "work-pool", "create", "bench", "--type", "process"], root, env)
         one, res1 = sweep(proj, env, "one-worker", 1, logs)
         two, res2 = sweep(proj, env, "two-workers", 2, logs)
     finally:
         stop(server)
     same = res1 == res2
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
-                  if ln.startswith("Model name")), "?")  # fmt: skip
     lines = [
         f"# Sweep on the pool: one worker against two ({time.strftime('%Y-%m-%d')})", "",
-        f"Machine: {model}, {os.cpu_count()} cores; torch {__import__('torch').__version__}; "
+        f"Machine: {machine()}; torch {__import__('torch').__version__}; "
         "each trial OMP_NUM_THREADS=1.",
         f"Command: `python benchmarks/sweep_scaling.py --iterations {args.iterations}`", "",
         f"Grid: {' '.join(GRID[1::2])} (6 trials of the demo at {args.iterations} iterations, "
@@ -160,11 +199,7 @@ def main() -> None:
         f"**{same}**.", "", "| trial | one worker | two workers |", "| --- | --- | --- |",
         *[f"| `{k}` | {v} | {res2.get(k)} |" for k, v in sorted(res1.items())],
     ]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    shutil.rmtree(root, ignore_errors=True)
+    report(lines, args.out, root)
 
 
 if __name__ == "__main__":
