@@ -783,7 +783,10 @@ def auth_server(scratch) -> Iterator[tuple[int, str]]:
 
 
 @pytest.mark.e2e
-@pytest.mark.slow  # `make test-slow` (and CI) runs it: a server of its own
+@pytest.mark.slow
+# past CI's budget (make test-soak): a server of its own, 90 s here; CI's fast tier checks the
+# credentials' move out of the URL (test_credentials_in_the_api_url_move_to_the_auth_string)
+@pytest.mark.soak
 def test_credentials_in_the_api_url_are_never_printed(auth_server, proj, tmp_path):
     """PREFECT_API_URL=http://user:password@host/api: `seg flow`, `seg deploy` and `seg serve`
     work and print the URL without the password (Prefect's own "View at" lines too); a wrong

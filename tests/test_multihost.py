@@ -419,7 +419,8 @@ def test_a_killed_worker_s_run_resumes_on_the_other_host_from_its_pushed_checkpo
     assert len(list(team.a.path.glob(".dvc/tmp/seg/runs/*"))) == 1
 
 
-@pytest.mark.slow  # `make test-slow` (and CI) runs it
+@pytest.mark.slow
+@pytest.mark.soak  # past CI's budget (make test-soak): 80 s here
 def test_a_commit_that_changes_code_is_the_code_the_next_run_runs(team, server):
     """Clone C pushes a commit that changes the flow's own module and the evaluation's code;
     the next run, on host A (whose own clone and installed code are older), runs that code
