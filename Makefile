@@ -22,15 +22,16 @@ demo: install
 test: install
 	$(BIN)/pytest -q -m "not slow"
 
-# the scenarios of minutes each CI runs after `make test` (~27 min on 2 AVX2 cores): the docs'
-# shell blocks, faults, a killed worker's run resumed on another host, a code change, two
-# nodes, a local sweep that prunes, every k-fold stage, the stage deps recorded, credentials
+# the scenarios of minutes each CI runs after `make test` (~28 min on 2 AVX2 cores): the docs'
+# shell blocks, faults, a killed worker's run resumed on another host, two nodes, a local
+# sweep that prunes, the stage deps recorded (every k-fold stage), the GPU node's install
 test-slow: install
 	$(BIN)/pytest -q -m "slow and not soak" --durations=15
 
-# the longest scenarios, past CI's 45-minute budget (~28 min more): a sweep on a pool of two
+# the longest scenarios, past CI's 45-minute budget (~33 min more): a sweep on a pool of two
 # hosts, eight runs on two hosts, a lost slot, four scheduled runs through the promotion gate,
-# overlapping scheduled runs, dvc repro -f and dvc exp run. Run them on a change to
+# overlapping scheduled runs, dvc repro -f and dvc exp run, the k-fold stages rerun, a commit
+# that changes code, credentials in the API URL. Run them on a change to
 # stages/runs.py, flows.py, experiments.py, supervise.py, sweep_flow.py or promotion.py
 test-soak: install
 	$(BIN)/pytest -q -m soak --durations=15
