@@ -184,6 +184,11 @@ def compile_enabled(setting, device: torch.device, distributed_sync_bn: bool = F
     return device.type == "cuda" and not distributed_sync_bn
 
 
+def channels_last_enabled(setting: bool, device: torch.device) -> bool:
+    """`channels_last: true` takes effect on CUDA only: on CPU it measured slower."""
+    return bool(setting) and device.type == "cuda"
+
+
 def working_point(device: torch.device, prec: Precision, **extra) -> dict:
     """What this run resolved to, for provenance: device (and GPU name), precision and why,
     the CPU's capability, torch / CUDA / cuDNN versions, plus `extra` (compile, channels_last,
@@ -209,13 +214,13 @@ def decisive_point(
     machine: the part of the working point that changes a result, without the reasons or the
     GPU's name (two cards that both compute bf16 natively train alike). The working_point
     stage writes it to a file the train and evaluate stages depend on: DVC hashes files, not
-    what `amp: auto` will become (stages/steps.py write_working_point)."""
+    what `amp: auto` will become (stages/working_point.py)."""
     dev = resolve_device(device)
     point = {"device": dev.type, "precision": precision(amp, dev, warn=False).name}
     if compile is not None:
         point["compile"] = compile_enabled(compile, dev)
     if channels_last is not None:
-        point["channels_last"] = bool(channels_last) and dev.type == "cuda"
+        point["channels_last"] = channels_last_enabled(channels_last, dev)
     return point
 
 

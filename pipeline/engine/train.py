@@ -43,6 +43,7 @@ from pipeline.data.transforms import (
 from pipeline.engine import checkpoint
 from pipeline.engine.device import (
     autocast,
+    channels_last_enabled,
     compile_enabled,
     cudnn_autotune,
     precision,
@@ -135,7 +136,7 @@ def train(
     if ckpt is not None:  # after the DataLoader drew its base seed from the global RNG
         _set_rng_state(ckpt["rng"], device, rank, world, tp.seed, start)
     augment = BatchAugment(tuple(tp.crop_size), tuple(tp.scale_range), tp.flip, spec.ignore_index)
-    channels_last = tp.channels_last and device.type == "cuda"  # on CPU it measured slower
+    channels_last = channels_last_enabled(tp.channels_last, device)
     frozen_bn = _bn_frozen(tp, model)
     point = working_point(
         device, prec, compile=compiled, channels_last=channels_last, world_size=world,
