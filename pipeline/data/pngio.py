@@ -15,11 +15,11 @@ from pipeline.errors import DataError
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def read_png(path: Path | str, mode: str | None = None, threads: bool = False) -> np.ndarray:
+def read_png(path: Path | str, mode: str | None = None) -> np.ndarray:
     """Decode an image file fully (truncated files fail here, not later).
 
     `mode` converts (e.g. "RGB"); None keeps the stored mode (palette indices stay indices,
-    16-bit stays 16-bit). `threads`: see decode_png_bytes.
+    16-bit stays 16-bit).
     """
     if mode is None:
         try:
@@ -28,7 +28,7 @@ def read_png(path: Path | str, mode: str | None = None, threads: bool = False) -
             raise DataError(f"{path}: file not found") from None
         except OSError as exc:
             raise DataError(f"{path}: cannot read ({exc})") from None
-        return decode_png_bytes(data, str(path), threads)
+        return decode_png_bytes(data, str(path))
     try:
         with Image.open(path) as im:
             im.load()
@@ -56,14 +56,13 @@ def _spng_can(data: bytes) -> bool:
     return interlace == 0 and ((depth == 8 and colour in (0, 2, 6)) or (depth, colour) == (16, 0))
 
 
-def decode_png_bytes(data: bytes, source: str = "<bytes>", threads: bool = False) -> np.ndarray:
+def decode_png_bytes(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """A PNG or JPEG file's bytes -> its array as stored (gray, RGB, RGBA, 16-bit, palette
     indices), writable. Plain PNGs with libspng (pyspng: 1.9x Pillow's speed on 1024x2048
     photos, benchmarks/data_path.py), the rest with Pillow. Without pyspng (a platform it has
-    no wheel for), Pillow decodes everything. `threads`: decoding on several threads at once
-    (scoring's readers): Pillow, which lets the others run while it inflates, where pyspng
-    holds the GIL (two threads of it decode no faster than one)."""
-    if not threads and _spng_can(data) and _pyspng() is not None:
+    no wheel for), Pillow decodes everything. pyspng holds the GIL while it decodes: several
+    threads of it decode no faster than one (scoring reads in processes)."""
+    if _spng_can(data) and _pyspng() is not None:
         try:
             out = _pyspng().load(data)
         except Exception as exc:  # libspng's errors share no class

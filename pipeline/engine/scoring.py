@@ -11,7 +11,6 @@ import bisect
 import logging
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from pipeline.data.labels import DatasetSpec, get_spec
 from pipeline.data.pngio import read_png
+from pipeline.data.readers import worker_context
 from pipeline.errors import DataError
 from pipeline.metrics import SegMetrics, UnknownIds
 
@@ -50,9 +50,10 @@ def score_prediction_folder(
     `gt_root` against its prediction in `pred_dir`. iIoU is included when every frame has its
     `_gtFine_instanceIds.png`. `progress(done, total)` is called after each image.
 
-    `num_workers` threads decode the next frames while one is scored (PNG decoding is most
-    of the time, and PIL releases the GIL while it inflates); 0 reads in the calling thread,
-    which is as fast on a machine whose cores are already busy."""
+    `num_workers` processes read and score the frames, each its own (PNG decoding is most of
+    the time, with libspng: it holds the GIL, so threads would take turns); their per-frame
+    counts are summed here in the frames' order. 0 scores in this process, which is as fast
+    on a machine whose cores are already busy."""
     spec = get_spec(dataset)
     pairs = find_pairs(pred_dir, gt_root, split)
     use_instances = all(p.instance is not None for p in pairs)
@@ -63,18 +64,10 @@ def score_prediction_folder(
         )
 
     metrics = SegMetrics.from_spec(spec)
-    lut = torch.from_numpy(spec.label_to_train)
-    valid = torch.from_numpy(spec.valid_label_ids)
     with _one_torch_thread():
-        for done, (pair, pred, target, instances) in enumerate(
-            _read_pairs(pairs, use_instances, num_workers), 1
-        ):
-            try:
-                metrics.update_label_ids(pred, target, lut, valid, instances)
-            except UnknownIds as exc:  # the spec's own one-line error, naming the file
-                bad = pair.pred if exc.side == "pred" else pair.gt
-                spec.to_train_ids((pred if exc.side == "pred" else target).numpy(), str(bad))
-                raise
+        for done, (_, state) in enumerate(_scored(pairs, spec, use_instances, num_workers), 1):
+            for total, frame in zip(metrics.tensors(), state, strict=True):
+                total += frame
             if progress is not None:
                 progress(done, len(pairs))
     return metrics.compute()
@@ -142,12 +135,12 @@ def load_pair(
 
 
 def load_label_ids(
-    pair: ScoringPair, use_instances: bool = True, threads: bool = False
+    pair: ScoringPair, use_instances: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pred label ids, gt label ids, instanceIds or None) as (H, W) tensors, their shapes
-    checked. `threads`: called on reader threads (see pngio.decode_png_bytes)."""
-    gt_ids = read_png(pair.gt, threads=threads)
-    pred_ids = read_png(pair.pred, threads=threads)
+    checked."""
+    gt_ids = read_png(pair.gt)
+    pred_ids = read_png(pair.pred)
     if pred_ids.ndim != 2:
         raise DataError(
             f"{pair.pred}: has {pred_ids.shape[2]} channels; expected a single-channel labelId PNG "
@@ -164,7 +157,7 @@ def load_label_ids(
     pred_ids, gt_ids = _uint8(pred_ids, pair.pred), _uint8(gt_ids, pair.gt)
     instances = None
     if use_instances and pair.instance is not None:
-        inst = read_png(pair.instance, threads=threads)
+        inst = read_png(pair.instance)
         if inst.shape != gt_ids.shape:
             raise DataError(
                 f"{pair.instance}: size {_wxh(inst)} differs from {pair.gt} ({_wxh(gt_ids)})"
@@ -182,35 +175,62 @@ def _uint8(ids: np.ndarray, path: Path) -> np.ndarray:
     return ids.astype(np.uint8)
 
 
-def _read_pairs(
-    pairs: list[ScoringPair], use_instances: bool, num_workers: int
-) -> Iterator[tuple[ScoringPair, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """(pair, *load_label_ids) over `pairs` in order; with workers, a few ahead (bounded:
-    memory stays flat)."""
-    if num_workers <= 0:
-        for pair in pairs:
-            yield pair, *load_label_ids(pair, use_instances)
-        return
-    with ThreadPoolExecutor(num_workers) as pool:
-        queue: list[tuple[ScoringPair, Future]] = []
-        ahead = iter(pairs)
-        for pair in ahead:
-            queue.append((pair, pool.submit(load_label_ids, pair, use_instances, True)))
-            if len(queue) >= 2 * num_workers:
-                break
-        while queue:
-            pair, future = queue.pop(0)
-            result = future.result()  # re-raises the DataError of that pair
-            nxt = next(ahead, None)
-            if nxt is not None:
-                queue.append((nxt, pool.submit(load_label_ids, nxt, use_instances, True)))
-            yield pair, *result
+class _FrameScores(torch.utils.data.Dataset):
+    """Frame i -> (i, its counts as SegMetrics.tensors()) or (i, the DataError naming its file):
+    the error travels as a value (a DataLoader worker's exception would come back wrapped in
+    its traceback, not as the one line it is)."""
+
+    def __init__(self, pairs: list[ScoringPair], spec: DatasetSpec, use_instances: bool) -> None:
+        self.pairs, self.spec, self.use_instances = pairs, spec, use_instances
+        self.lut = torch.from_numpy(spec.label_to_train)
+        self.valid = torch.from_numpy(spec.valid_label_ids)
+        self.metrics: SegMetrics | None = None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | DataError]:
+        pair = self.pairs[i]
+        if self.metrics is None:
+            self.metrics = SegMetrics.from_spec(self.spec)
+        self.metrics.reset()
+        try:
+            pred, target, instances = load_label_ids(pair, self.use_instances)
+            try:
+                self.metrics.update_label_ids(pred, target, self.lut, self.valid, instances)
+            except UnknownIds as exc:  # the spec's own one-line error, naming the file
+                bad = pair.pred if exc.side == "pred" else pair.gt
+                self.spec.to_train_ids((pred if exc.side == "pred" else target).numpy(), str(bad))
+                raise
+        except DataError as exc:
+            return i, exc
+        return i, [t.clone() for t in self.metrics.tensors()]
+
+
+def _scored(
+    pairs: list[ScoringPair], spec: DatasetSpec, use_instances: bool, num_workers: int
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """(index, counts) of each frame, in order; the first bad frame's DataError raised."""
+    frames = _FrameScores(pairs, spec, use_instances)
+    workers = min(num_workers, len(pairs))
+    loader = torch.utils.data.DataLoader(
+        frames, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
+        multiprocessing_context=worker_context(workers), worker_init_fn=_one_thread,
+    )  # fmt: skip
+    for i, state in loader:
+        if isinstance(state, DataError):
+            raise state
+        yield i, state
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
 
 
 @contextmanager
 def _one_torch_thread() -> Iterator[None]:
     """Score with one intra-op thread. The per-image tensor work is a few ms; what costs is
-    PNG decoding on the reader threads, and OpenMP workers spinning beside them (or beside
+    PNG decoding, and OpenMP workers spinning beside it (or beside
     other processes on a shared machine) made scoring 2-4x slower in
     benchmarks/scoring_vs_cityscapesscripts.py."""
     before = torch.get_num_threads()
