@@ -33,7 +33,19 @@ class TrainLog:
                 self.file.unlink(missing_ok=True)
             log.info("dvclive is not installed: training curves go to %s", self.file)
             return
-        self.live = Live(dir=str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=False)
+        from scmrepo.exceptions import SCMError
+
+        try:
+            self.live = Live(
+                dir=str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=False
+            )
+        except SCMError as exc:  # DVCLive asks git for HEAD: "Empty git repo" before a commit
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(
+                f"{Path.cwd()}: git cannot name this repository's commit ({exc}): DVCLive logs "
+                "training against one; commit first (git add -A && git commit -m init)"
+            ) from None
 
     def _write(self, step: int, values: dict) -> None:
         if self.live is None:

@@ -71,3 +71,20 @@ def test_reports_every_log_every_steps(proj, monkeypatch):
     reports = [s for s in seen if "loss" in s]
     assert all(s["loss"] > 0 and s["images_per_s"] > 0 for s in reports)
     assert [s["step"] for s in reports] == [3, 6, 7]
+
+
+def test_a_repository_without_a_commit_is_named_not_a_dvclive_traceback(tmp_path, monkeypatch):
+    """`git init`, no commit yet: DVCLive's "Empty git repo" traceback became one line."""
+    import subprocess
+
+    from pipeline.errors import ConfigError
+    from stages.train_log import TrainLog
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="commit first") as err:
+        TrainLog(tmp_path / "outputs" / "train", resume=False)
+    assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "init"], cwd=tmp_path, check=True)  # fmt: skip
+    TrainLog(tmp_path / "outputs" / "train", resume=False).live.end()
