@@ -248,10 +248,11 @@ def test_real_camvid_train_and_val():
         assert Image.open(io.BytesIO(s.image.read_bytes())).size == (480, 360)
 
 
-def test_recipe_writes_camvid_params(camvid_root, tmp_path):
+@pytest.mark.parametrize("name", ["camvid", "camvid-cpu"])
+def test_recipe_writes_camvid_params(camvid_root, tmp_path, name):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params()))
-    result = CliRunner().invoke(app, ["recipe", "camvid", "--root", str(camvid_root), "-p", str(params)])  # fmt: skip
+    result = CliRunner().invoke(app, ["recipe", name, "--root", str(camvid_root), "-p", str(params)])  # fmt: skip
     assert result.exit_code == 0, result.output
     from pipeline.params import load_params
 
@@ -264,14 +265,14 @@ def test_recipe_writes_camvid_params(camvid_root, tmp_path):
             yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "loss" else [(prefix + k, v)]  # fmt: skip
 
     recipe = yaml.safe_load(
-        (Path(__file__).resolve().parents[1] / "recipes/camvid.yaml").read_text()
+        (Path(__file__).resolve().parents[1] / f"recipes/{name}.yaml").read_text()
     )
     flat = dict(leaves(p))
     assert all(flat[k] == v for k, v in leaves(recipe)), "every recipe key lands in params.yaml"
     assert (tmp_path / "params.yaml.bak").is_file()
 
 
-@pytest.mark.parametrize("name", ["cityscapes", "camvid"])
+@pytest.mark.parametrize("name", ["cityscapes", "camvid", "camvid-cpu"])
 def test_recipes_set_every_demo_only_choice(name):
     """The shipped params.yaml is the CPU demo: where it differs from the library's defaults
     (more iterations, class weights, a narrower scale range, test-time scales, ...), a recipe

@@ -34,7 +34,9 @@ def merge(base: dict, update: dict) -> dict:
 
 @cli_errors
 def recipe(
-    name: Annotated[str, typer.Argument(help="Recipe in recipes/: cityscapes or camvid.")],
+    name: Annotated[
+        str, typer.Argument(help="Recipe in recipes/: cityscapes, camvid (a GPU) or camvid-cpu.")
+    ],
     root: Annotated[
         Path | None, typer.Option(help="Dataset root to train on (sets data.root).")
     ] = None,
