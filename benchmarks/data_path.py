@@ -505,7 +505,8 @@ def main() -> None:
             for workers in (0, 2):
                 r = run(base if code == "today" else None, "scoring", gt_root=str(gt_root),
                         pred_dir=str(pred_dir), workers=workers)  # fmt: skip
-                say(f"| {code}, {workers} reader threads | {r['s']:.1f} | "
+                readers = "reader threads" if code == "today" else "worker processes"
+                say(f"| {code}, {workers} {readers} | {r['s']:.1f} | "
                     f"{args.score_frames / r['s']:.2f} | {t_official / r['s']:.2f}x |")  # fmt: skip
                 diff = max(abs(r["scores"][k] - official[v]) for k, v in names.items())
                 diffs[code] = max(diffs.get(code, 0.0), diff)
