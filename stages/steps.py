@@ -36,6 +36,8 @@ log = logging.getLogger("seg")
 def load(params_file: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
     """params.yaml plus `section.key=value` overrides (values parsed as YAML 1.2, as DVC's
     `-S`), validated."""
+    import yaml
+
     params = load_params(params_file)
     if not overrides:
         return params
@@ -52,7 +54,11 @@ def load(params_file: Path | str = "params.yaml", overrides: list[str] | None = 
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(f"--set {key}: unknown key; valid: {', '.join(sorted(node))}")
-        node[parts[-1]] = yaml_load(value)
+        try:
+            node[parts[-1]] = yaml_load(value)
+        except yaml.YAMLError as exc:
+            what = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not YAML ({what})") from None
     return params_from_dict(raw)
 
 

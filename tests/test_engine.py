@@ -157,6 +157,9 @@ def test_overrides_read_values_as_yaml_1_2(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text("train:\n  lr: 0.01\n  min_lr: 0.0\n")
     assert steps.load(f, ["train.lr=1e-06"]).train.lr == 1e-06
+    # a value cut at a space by the shell: one line naming the override, not yaml's traceback
+    with pytest.raises(ConfigError, match=r"'train.scale_range=\[0.5,': the value is not YAML"):
+        steps.load(f, ["train.scale_range=[0.5,"])
 
 
 def test_cli_eval_predict_average_runs(learned_project, tmp_path, monkeypatch):
