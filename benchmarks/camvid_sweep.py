@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from pathlib import Path
 
 import yaml
-from sweep_scaling import BIN, REPO, machine, prefect_server, sh, stop
+from sweep_scaling import BIN, REPO, bench_env, checkout_copy, machine, prefect_server, sh, stop
 
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
 NAME = "camvid-cpu"
@@ -51,30 +50,12 @@ UNTUNED = {"model": {"backbone": "mobilenet_v3_large", "separable_head": False,
            "val_interval": 150, "checkpoint_interval": 150, "workers": 1}  # fmt: skip
 
 
-def env_for(root: Path) -> dict:
-    home = root / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / ".gitconfig").write_text("[user]\n\tname = b\n\temail = b@b\n")
-    env = {**os.environ, "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "PREFECT_API_URL": "http://127.0.0.1:4297/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
-    env.pop("PYTHONPATH", None)
-    return env
-
-
 def project(root: Path, env: dict, camvid: Path) -> Path:
     """DIR/proj, made once: this checkout, the camvid-cpu recipe, the trial's schedule, fp32."""
     proj = root / "proj"
     if (proj / ".git").is_dir():
         return proj
-    proj.mkdir(parents=True)
-    listed = sh(["git", "ls-files", "-co", "--exclude-standard"], REPO, env).split("\n")
-    for name in filter(None, listed):
-        src = REPO / name
-        if src.is_file() and not name.startswith(("docs/", "benchmarks/results")):
-            (proj / name).parent.mkdir(parents=True, exist_ok=True)
-            (proj / name).write_bytes(src.read_bytes())
+    checkout_copy(proj, env)
     sh([str(BIN / "seg"), "recipe", NAME, "--root", str(camvid)], proj, env)
     raw = yaml.safe_load((proj / "params.yaml").read_text())
     raw["train"].update({**TRIAL, "amp": "off"})
@@ -92,7 +73,7 @@ def rows(proj: Path, env: dict) -> list[dict]:
 
 
 def sweep(args) -> None:
-    env = env_for(args.root)
+    _, env = bench_env(NAME, args.root)
     server = prefect_server(args.root, env, args.root / "server.log")
     try:
         proj = project(args.root, env, args.camvid)
@@ -148,7 +129,7 @@ def overrides(prefix: str, values: dict) -> list[str]:
 
 
 def final(args) -> None:
-    env = env_for(args.root)
+    _, env = bench_env(NAME, args.root)
     proj = args.root / "proj"
     full = yaml.safe_load((REPO / "recipes" / f"{NAME}.yaml").read_text())["train"]
     schedule = {k: full[k] for k in ("iterations", "val_interval", "checkpoint_interval",

@@ -64,14 +64,7 @@ def stop(proc: subprocess.Popen) -> None:
 def project(root: Path, env: dict, train: dict, evaluate: dict) -> Path:
     """This checkout's files in `root`/proj, params.yaml's train and evaluate sections updated,
     a git repository with the demo's data made by DVC and committed."""
-    proj = root / "proj"
-    proj.mkdir()
-    listed = sh(["git", "ls-files", "-co", "--exclude-standard"], REPO, env).split("\n")
-    for name in filter(None, listed):
-        src = REPO / name
-        if src.is_file() and not name.startswith(("docs/", "benchmarks/results")):
-            (proj / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, proj / name)
+    proj = checkout_copy(root / "proj", env)
     raw = yaml.safe_load((proj / "params.yaml").read_text())
     raw["train"].update(train)
     raw["evaluate"].update(evaluate)
@@ -80,6 +73,18 @@ def project(root: Path, env: dict, train: dict, evaluate: dict) -> Path:
                 [str(BIN / "dvc"), "repro", "synth", "preprocess@train", "preprocess@val"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "demo data"]):  # fmt: skip
         sh(cmd, proj, env)
+    return proj
+
+
+def checkout_copy(proj: Path, env: dict) -> Path:
+    """This checkout's files (tracked and untracked, not ignored; no docs or results) in `proj`."""
+    proj.mkdir(parents=True)
+    listed = sh(["git", "ls-files", "-co", "--exclude-standard"], REPO, env).split("\n")
+    for name in filter(None, listed):
+        src = REPO / name
+        if src.is_file() and not name.startswith(("docs/", "benchmarks/results")):
+            (proj / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, proj / name)
     return proj
 
 
@@ -92,12 +97,13 @@ def with_origin(proj: Path, env: dict) -> Path:
     return proj
 
 
-def bench_env(prefix: str) -> tuple[Path, dict]:
-    """A temporary root with its own HOME, PREFECT_HOME and git identity; the environment
-    for a `prefect server` on a free port of 127.0.0.1 and this venv's commands."""
-    root = Path(tempfile.mkdtemp(prefix=prefix))
+def bench_env(prefix: str, root: Path | None = None) -> tuple[Path, dict]:
+    """A root (a new temporary one, or `root`, kept) with its own HOME, PREFECT_HOME and git
+    identity; the environment for a `prefect server` on a free port of 127.0.0.1 and this
+    venv's commands."""
+    root = Path(tempfile.mkdtemp(prefix=prefix)) if root is None else root
     home = root / "home"
-    home.mkdir()
+    home.mkdir(parents=True, exist_ok=True)
     (home / ".gitconfig").write_text("[user]\n\tname = b\n\temail = b@b\n")
     env = {**os.environ, "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"),
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
