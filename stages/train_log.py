@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.errors import ConfigError
+
 if TYPE_CHECKING:
     from stages.resume import RunStore
 
@@ -40,8 +42,6 @@ class TrainLog:
                 dir=str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=False
             )
         except SCMError as exc:  # DVCLive asks git for HEAD: "Empty git repo" before a commit
-            from pipeline.errors import ConfigError
-
             raise ConfigError(
                 f"{Path.cwd()}: git cannot name this repository's commit ({exc}): DVCLive logs "
                 "training against one; commit first (git add -A && git commit -m init)"

@@ -65,7 +65,7 @@ def score_prediction_folder(
 
     metrics = SegMetrics.from_spec(spec)
     with _one_torch_thread():
-        for done, (_, state) in enumerate(_scored(pairs, spec, use_instances, num_workers), 1):
+        for done, state in enumerate(_scored(pairs, spec, use_instances, num_workers), 1):
             for total, frame in zip(metrics.tensors(), state, strict=True):
                 total += frame
             if progress is not None:
@@ -176,8 +176,8 @@ def _uint8(ids: np.ndarray, path: Path) -> np.ndarray:
 
 
 class _FrameScores(torch.utils.data.Dataset):
-    """Frame i -> (i, its counts as SegMetrics.tensors()) or (i, the DataError naming its file):
-    the error travels as a value (a DataLoader worker's exception would come back wrapped in
+    """Frame i -> its counts (SegMetrics.tensors()) or the DataError naming its file: the
+    error travels as a value (a DataLoader worker's exception would come back wrapped in
     its traceback, not as the one line it is)."""
 
     def __init__(self, pairs: list[ScoringPair], spec: DatasetSpec, use_instances: bool) -> None:
@@ -189,7 +189,7 @@ class _FrameScores(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | DataError]:
+    def __getitem__(self, i: int) -> list[torch.Tensor] | DataError:
         pair = self.pairs[i]
         if self.metrics is None:
             self.metrics = SegMetrics.from_spec(self.spec)
@@ -203,36 +203,32 @@ class _FrameScores(torch.utils.data.Dataset):
                 self.spec.to_train_ids((pred if exc.side == "pred" else target).numpy(), str(bad))
                 raise
         except DataError as exc:
-            return i, exc
-        return i, [t.clone() for t in self.metrics.tensors()]
+            return exc
+        return [t.clone() for t in self.metrics.tensors()]
 
 
 def _scored(
     pairs: list[ScoringPair], spec: DatasetSpec, use_instances: bool, num_workers: int
-) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """(index, counts) of each frame, in order; the first bad frame's DataError raised."""
+) -> Iterator[list[torch.Tensor]]:
+    """Each frame's counts, in order; the first bad frame's DataError raised. DataLoader's
+    workers compute with one thread each (torch sets it)."""
     frames = _FrameScores(pairs, spec, use_instances)
     workers = min(num_workers, len(pairs))
     loader = torch.utils.data.DataLoader(
         frames, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
-        multiprocessing_context=worker_context(workers), worker_init_fn=_one_thread,
+        multiprocessing_context=worker_context(workers),
     )  # fmt: skip
-    for i, state in loader:
+    for state in loader:
         if isinstance(state, DataError):
             raise state
-        yield i, state
-
-
-def _one_thread(_: int) -> None:
-    torch.set_num_threads(1)
+        yield state
 
 
 @contextmanager
 def _one_torch_thread() -> Iterator[None]:
     """Score with one intra-op thread. The per-image tensor work is a few ms; what costs is
-    PNG decoding, and OpenMP workers spinning beside it (or beside
-    other processes on a shared machine) made scoring 2-4x slower in
-    benchmarks/scoring_vs_cityscapesscripts.py."""
+    PNG decoding, and OpenMP workers spinning beside it (or beside other processes on a
+    shared machine) made scoring 2-4x slower in benchmarks/scoring_vs_cityscapesscripts.py."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
