@@ -2,7 +2,8 @@
 the untuned values trained at the full 15-minute budget.
 
     python benchmarks/camvid_sweep.py sweep --root DIR [--trials 16] [--camvid PATH]
-    python benchmarks/camvid_sweep.py final --root DIR [--which winner,untuned] [--out FILE.md]
+    python benchmarks/camvid_sweep.py final --root DIR [--which winner,untuned] [--iterations N]
+        [--out FILE.md]
 
 `sweep` builds a project in DIR/proj once (this checkout's files, `seg recipe camvid-cpu
 --root CAMVID`, the shards made by DVC, a git commit), starts a real `prefect server` and runs
@@ -16,7 +17,8 @@ time pruning saved (each pruned trial's unrun steps at the completed trials' mea
 recipes/camvid.yaml scaled down to a 2-core CPU as a new user would) at the recipe's full
 iterations with `seg train` + `seg eval`, one after the other, and reports each one's val mIoU
 and training minutes (the 15-minute budget is the train command's wall time, validations in).
-Time it on an idle machine.
+`recipe` trains recipes/camvid-cpu.yaml as shipped (no sweep needed in DIR); `--iterations N`
+runs the recipe's schedule (two validations) at N steps. Time it on an idle machine.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ def project(root: Path, env: dict, camvid: Path) -> Path:
 
 def rows(proj: Path, env: dict) -> list[dict]:
     return json.loads(sh([str(BIN / "seg"), "sweep", "show", NAME, "--json"], proj, env))
+
+
+def best(proj: Path, env: dict) -> dict:
+    return max((r for r in rows(proj, env) if r["state"] == "complete"),
+               key=lambda r: r["val_miou"])  # fmt: skip
 
 
 def sweep(args) -> None:
@@ -130,25 +137,28 @@ def overrides(prefix: str, values: dict) -> list[str]:
 
 def final(args) -> None:
     _, env = bench_env(NAME, args.root)
-    proj = args.root / "proj"
+    proj = project(args.root, env, args.camvid)  # the sweep's, or made here for `recipe`
     full = yaml.safe_load((REPO / "recipes" / f"{NAME}.yaml").read_text())["train"]
     schedule = {k: full[k] for k in ("iterations", "val_interval", "checkpoint_interval",
                                       "warmup_iters")}  # fmt: skip
-    best = max(
-        (r for r in rows(proj, env) if r["state"] == "complete"), key=lambda r: r["val_miou"]
-    )
-    runs = {
-        "winner": [a for k, v in schedule.items() for a in ("-S", f"train.{k}={v}")]
-        + [a for o in re.split(r" (?=[a-z_.]+=)", best["overrides"]) for a in ("-S", o)],
-        "untuned": overrides("train.", UNTUNED),
-    }
+    if args.iterations:  # the recipe's two validations, at another length
+        half = args.iterations // 2
+        schedule.update(iterations=args.iterations, val_interval=half, checkpoint_interval=half)
+    recipe = [a for k, v in schedule.items() for a in ("-S", f"train.{k}={v}")]
+    runs = {"recipe": lambda: recipe, "untuned": lambda: overrides("train.", UNTUNED)}
+
+    def winner() -> list[str]:  # the recipe's schedule, the sweep's best complete trial in DIR
+        chosen = re.split(r" (?=[a-z_.]+=)", best(proj, env)["overrides"])
+        return recipe + [a for o in chosen for a in ("-S", o)]
+
+    runs["winner"] = winner
     lines = [f"## At the full budget ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {machine()}; torch {__import__('torch').__version__}; fp32.", "",
              "| run | val mIoU (%) | train min | eval min | overrides |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for which in args.which.split(","):
         out = args.root / f"final-{which}"
-        sets = runs[which] + ["-S", f"data.outputs={out}"]
+        sets = runs[which]() + ["-S", f"data.outputs={out}"]
         t0 = time.monotonic()
         sh([str(BIN / "seg"), "train", *sets], proj, env, timeout=3 * 3600)
         t1 = time.monotonic()
@@ -170,7 +180,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, required=True, help="the project's folder (kept)")
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--camvid", type=Path, default=CAMVID)
-    ap.add_argument("--which", default="winner,untuned")
+    ap.add_argument("--which", default="winner,untuned", help="of recipe, winner, untuned")
+    ap.add_argument("--iterations", type=int, help="final: the recipe's schedule at N steps")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     args.root = args.root.resolve()

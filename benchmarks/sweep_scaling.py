@@ -61,13 +61,14 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def project(root: Path, env: dict, train: dict, evaluate: dict) -> Path:
-    """This checkout's files in `root`/proj, params.yaml's train and evaluate sections updated,
-    a git repository with the demo's data made by DVC and committed."""
+def project(root: Path, env: dict, **sections: dict) -> Path:
+    """This checkout's files in `root`/proj, params.yaml's sections updated from `sections`
+    (train={...}, evaluate={...}, synth={...}), a git repository with the demo's data made by
+    DVC and committed."""
     proj = checkout_copy(root / "proj", env)
     raw = yaml.safe_load((proj / "params.yaml").read_text())
-    raw["train"].update(train)
-    raw["evaluate"].update(evaluate)
+    for name, values in sections.items():
+        raw[name].update(values)
     (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for cmd in (["git", "init", "-q", "-b", "main"],  # .dvc/ came with the checkout's files
                 [str(BIN / "dvc"), "repro", "synth", "preprocess@train", "preprocess@val"],
@@ -152,8 +153,11 @@ def machine() -> str:
             f"{'AVX-512' if 'avx512f' in flags else 'AVX2 only'}{bf16}")  # fmt: skip
 
 
-def sweep(proj: Path, env: dict, name: str, workers: int, logs: Path) -> tuple[float, dict]:
-    """Run the grid with `workers` workers; (seconds, trial -> val mIoU)."""
+def sweep(
+    proj: Path, env: dict, name: str, workers: int, logs: Path, grid: list[str] = GRID
+) -> tuple[float, dict]:
+    """Run `grid` (-S arguments) on the pool with `workers` workers of one torch thread each;
+    (seconds, trial -> val mIoU)."""
     sh(["git", "commit", "-q", "--allow-empty", "-m", f"sweep {name}"], proj, env)
     sh(["git", "push", "-q"], proj, env)
     wenv = {**env, "SEG_PROJECT": str(proj), "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -164,7 +168,7 @@ def sweep(proj: Path, env: dict, name: str, workers: int, logs: Path) -> tuple[f
     try:
         t0 = time.monotonic()
         sh([str(BIN / "seg"), "sweep", name, "--pool", "bench", "--parallel", str(workers),
-            *GRID], proj, env, timeout=4 * 3600)  # fmt: skip
+            *grid], proj, env, timeout=12 * 3600)  # fmt: skip
         took = time.monotonic() - t0
     finally:
         for p in procs:
@@ -185,7 +189,8 @@ def main() -> None:
     try:
         n = args.iterations
         train = dict(iterations=n, val_interval=n, checkpoint_interval=n, amp="off", workers=0)
-        proj = with_origin(project(root, env, train, dict(amp="off", workers=0)), env)
+        evaluate = dict(amp="off", workers=0)
+        proj = with_origin(project(root, env, train=train, evaluate=evaluate), env)
         sh([str(BIN / "prefect"), "work-pool", "create", "bench", "--type", "process"], root, env)
         one, res1 = sweep(proj, env, "one-worker", 1, logs)
         two, res2 = sweep(proj, env, "two-workers", 2, logs)
