@@ -118,7 +118,7 @@ def make_project(path: Path, **overrides) -> Path:
 # reach 23.3 % best val mIoU with params.yaml's demo model and lr (150 steps: 11.7 %, 200:
 # 20.6 % in 15.8 s with the data, 2 cores, AVX2 kernels; 4 steps: 3-5 %). Tests that
 # must show a model learned assert LEARNED_MIOU, which such a run clears with margin. 16 val
-# frames, as the demo has: on 4 frames of 64x128 a few pixels of a rare class move the mIoU by
+# frames (the demo has 64): on 4 frames of 64x128 a few pixels of a rare class move the mIoU by
 # tenths of a point (bf16 vs fp32 measured 0.30 apart there, 0.02 on 16 frames).
 LEARN = {
     "synth.val": 16, "train.iterations": 300, "train.batch_size": 4, "train.val_interval": 100,
