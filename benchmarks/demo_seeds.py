@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if "," not in args.seeds and not args.grid:  # seg sweep wants several trials
+        raise SystemExit("--seeds: give two or more; one seed is `seg train -S train.seed=N`")
     grid = [a for g in [f"train.seed={args.seeds}", *args.grid] for a in ("-S", g)]
     root, env = bench_env("seg-demo-seeds-")
     server = prefect_server(root, env, root / "server.log")
