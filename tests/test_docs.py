@@ -242,7 +242,7 @@ class PageShell:
             for sig, wait in ((signal.SIGINT, 5), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
                 if not _alive(pid):
                     break
-                os.killpg(pid, sig)
+                _signal(pid, sig)
                 deadline = time.monotonic() + wait
                 while _alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.2)
@@ -252,11 +252,29 @@ class PageShell:
 
 
 def _alive(pgid: int) -> bool:
+    """Whether the background block's session still runs. A block started a moment ago may not
+    have reached setsid yet: its process lives but no group has its id (CI once failed a block
+    as exited, with an empty log, in that gap)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
-        return False
+        try:
+            stat = Path(f"/proc/{pgid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
     return True
+
+
+def _signal(pgid: int, sig: int) -> None:
+    """`sig` to the block's session, or to its process while it has not reached setsid yet."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        try:
+            os.kill(pgid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _scratch_clone(path: Path) -> Path:
