@@ -133,13 +133,15 @@ def prefect_server(root: Path, env: dict, log: Path) -> subprocess.Popen:
     raise SystemExit(f"prefect server did not answer at {url} in 2 minutes: {log}")
 
 
-def report(lines: list[str], out: Path | None, root: Path) -> None:
-    """Print the markdown report, write it to `out` (if given), remove the temporary root."""
+def report(lines: list[str], out: Path | None, root: Path | None) -> None:
+    """Print the markdown report, write it to `out` (if given), remove the temporary root
+    (None: keep it)."""
     text = "\n".join(lines) + "\n"
     print(text)
     if out:
         out.write_text(text)
-    shutil.rmtree(root, ignore_errors=True)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def machine() -> str:
