@@ -300,6 +300,37 @@ def _scratch_clone(path: Path) -> Path:
     return path
 
 
+def test_a_background_block_lives_from_its_start_and_is_dead_once_it_exits(tmp_path):
+    """The runner starts a background block as `setsid bash -c ... &` and reads `$!`: right
+    after, the block may not have reached setsid (no group has its id yet). It is alive then;
+    one that has exited is not."""
+    shell = subprocess.Popen(["bash"], stdin=subprocess.PIPE, text=True, start_new_session=True)
+    started = []
+    try:
+        for i, cmd in enumerate(["sleep 30"] * 10 + ["true"] * 5):
+            pid_file = tmp_path / f"{i}.pid"
+            shell.stdin.write(f"setsid bash -c '{cmd}' < /dev/null > /dev/null 2>&1 & "
+                              f"echo $! > {pid_file}\n")  # fmt: skip
+            shell.stdin.flush()
+            while not pid_file.is_file() or not pid_file.read_text().strip():
+                time.sleep(0.001)
+            pid = int(pid_file.read_text())
+            started.append((cmd, pid))
+            if cmd != "true":
+                assert _alive(pid), f"block {i} ({cmd}) taken for dead right after its start"
+        for cmd, pid in started:
+            if cmd == "true":
+                deadline = time.monotonic() + 10
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert not _alive(pid), f"{cmd} (pid {pid}) exited but is taken for alive"
+    finally:
+        for _, pid in started:
+            _signal(pid, signal.SIGKILL)
+        shell.stdin.close()
+        shell.wait(timeout=10)
+
+
 @pytest.mark.slow  # minutes: the tutorial end to end, scaled down; `make test-slow` (and CI)
 @pytest.mark.e2e
 def test_every_shell_block_in_the_docs_runs(scratch, request):
